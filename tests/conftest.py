@@ -1,0 +1,34 @@
+"""Test configuration: 4 fake CPU devices for the data-parallel tests, opt-in slow tests."""
+import os
+
+# Must happen before jax initialises its backends (first jax import below this point).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib
+
+import pytest
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_addoption(parser):
+  parser.addoption("--runslow", action="store_true", default=False,
+                   help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--runslow"):
+    return
+  skip_slow = pytest.mark.skip(reason="slow test: run with --runslow")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+  """Path of ../shared/data (real MNIST, USPS, ...); skips when the checkout has none."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"real data arrays not found at {SHARED_DATA} (a plain checkout has no ../shared)")
+  return SHARED_DATA
