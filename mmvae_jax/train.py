@@ -1,0 +1,376 @@
+"""Training: a jit-compiled, data-parallel step and the loop around it.
+
+* `train_step(state, batch, rng)` is a pure function. It runs under `jax.jit` with the batch
+  sharded over the "data" mesh axis and the state replicated (`mmvae_jax.parallel`); XLA
+  averages the gradients across devices. Random numbers are drawn from one key per step for the
+  whole global batch (partitionable threefry), so every device draws a distinct stream for its
+  own examples and the result does not depend on the number of devices.
+* The loss is the official one: −Σ_b objective_b over the (unmasked) examples of the batch.
+* A non-finite loss or gradient is never applied: the step keeps the previous parameters and
+  records the first bad step; the loop stops with a message naming it and never checkpoints a
+  non-finite state.
+* Checkpoints (orbax) hold params, optimiser state, step, epoch, position in the epoch and the
+  RNG key; the data order is a function of (seed, epoch) and the step key of (seed, step), so a
+  resumed run continues the same run bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mmvae_jax import parallel
+from mmvae_jax.model import MMVAE
+from mmvae_jax.optim import torch_amsgrad
+
+log = logging.getLogger("mmvae_jax")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Hyper-parameters of a run; the defaults are the official MNIST-SVHN headline run."""
+  k: int = 30                     # importance samples per expert
+  estimator: str = "legacy"       # legacy | dreg | iwae (see mmvae_jax.loss)
+  objective: str = "moe_iwae"     # moe_iwae | moe_elbo
+  looser: bool = True             # eq. (3), the stratified bound
+  learn_prior: bool = True
+  latent_dim: int = 20
+  batch_size: int = 128           # global batch
+  epochs: int = 30
+  max_steps: int = 0              # stop after this many steps in total (0: no limit)
+  lr: float = 1e-3
+  llik_scaling: float = 0.0       # 0: λ_MNIST = 3072/784
+  partners: int = 30
+  seed: int = 1
+  eval_every: int = 0             # steps between test evaluations (0: at each epoch end)
+  eval_batches: int = 0           # test batches per evaluation (0: the whole test set)
+  eval_batch_size: int = 0        # 0: same as batch_size
+  checkpoint_every: int = 1000    # steps between checkpoints (and at each epoch end)
+  log_every: int = 10
+  keep_checkpoints: int = 3
+
+  def validate(self, num_devices: int) -> None:
+    """Raises ValueError with a one-line message for the first impossible value."""
+    from mmvae_jax.loss import ESTIMATORS
+    if self.k < 1:
+      raise ValueError(f"--k must be >= 1, got {self.k}")
+    if self.estimator not in ESTIMATORS:
+      raise ValueError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+    if self.objective not in ("moe_iwae", "moe_elbo"):
+      raise ValueError(f"--objective must be moe_iwae or moe_elbo, got {self.objective!r}")
+    if self.batch_size < 1 or self.batch_size % num_devices:
+      raise ValueError(f"--batch_size={self.batch_size} must be a positive multiple of the "
+                       f"{num_devices} local device(s)")
+    eval_bs = self.eval_batch_size or self.batch_size
+    if eval_bs % num_devices:
+      raise ValueError(f"--eval_batch_size={eval_bs} must be a multiple of the {num_devices} devices")
+    for name in ("epochs", "latent_dim", "partners"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("max_steps", "eval_every", "eval_batches", "checkpoint_every"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+    if not self.lr > 0:
+      raise ValueError(f"--lr must be > 0, got {self.lr}")
+    if self.llik_scaling < 0:
+      raise ValueError(f"--llik_scaling must be >= 0, got {self.llik_scaling}")
+
+
+@chex.dataclass
+class TrainState:
+  """Everything a step changes. `bad_step` is -1 until a non-finite step is met."""
+  params: Any
+  opt_state: Any
+  step: jax.Array
+  bad_step: jax.Array
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  return torch_amsgrad(config.lr)
+
+
+def init_state(model: MMVAE, optimizer: optax.GradientTransformation, key: jax.Array
+               ) -> TrainState:
+  params = model.init(key)
+  return TrainState(params=params, opt_state=optimizer.init(params),
+                    step=jnp.zeros([], jnp.int32), bad_step=-jnp.ones([], jnp.int32))
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(model: MMVAE, optimizer: optax.GradientTransformation, config: TrainConfig
+                    ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+  """Returns the pure training step ``(state, batch, rng) -> (state, metrics)``.
+
+  batch: {"x": tuple of M arrays (B, *data_shape), "mask": (B,) 1 for real examples}.
+  metrics: loss (the official −Σ objective / #examples), objective (the bound itself, mean over
+  examples), num_examples, finite.
+  """
+
+  def train_step(state: TrainState, batch: dict, rng: jax.Array):
+    mask = batch["mask"].astype(jnp.float32)
+
+    def loss_fn(params):
+      obj = model.objective(params, batch["x"], rng, config.k, looser=config.looser,
+                            estimator=config.estimator, kind=config.objective)
+      return -jnp.sum(obj * mask), obj
+
+    (loss, obj), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    apply = finite & (state.bad_step < 0)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
+    n = jnp.maximum(jnp.sum(mask), 1.0)
+    new_state = TrainState(
+        params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+        step=state.step + 1,
+        bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step))
+    metrics = {"loss": loss / n, "objective": jnp.sum(obj * mask) / n, "num_examples": n,
+               "finite": finite}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: MMVAE, num_samples: int) -> Callable[[Any, dict, jax.Array], dict]:
+  """Tight MoE-IWAE (the official test objective) summed over the unmasked examples."""
+
+  def eval_step(params, batch, rng):
+    mask = batch["mask"].astype(jnp.float32)
+    obj = model.objective(params, batch["x"], rng, num_samples, looser=False, estimator="iwae")
+    return {"objective_sum": jnp.sum(obj * mask), "count": jnp.sum(mask)}
+
+  return eval_step
+
+
+def jit_train_step(train_step, mesh):
+  """Compiles the step with the state replicated and the batch sharded on `mesh`."""
+  rep, shard = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(train_step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep),
+                 donate_argnums=(0,))
+
+
+def step_key(seed: int, step: int) -> jax.Array:
+  """The PRNG key of global step `step`: a pure function of (seed, step) for exact resumes."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging.
+
+
+class MetricWriter:
+  """Writes every metric to `metrics.jsonl` and to TensorBoard event files in `workdir`."""
+
+  def __init__(self, workdir: str):
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+    except ImportError:  # pragma: no cover - tensorboardX is a declared dependency
+      self._tb = None
+
+  def write(self, step: int, metrics: dict, **context) -> None:
+    row = {"step": int(step), **context, **{k: float(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for k, v in metrics.items():
+        self._tb.add_scalar(k, float(v), int(step))
+
+  def close(self) -> None:
+    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+class Checkpointer:
+  """Orbax checkpoints of the train state plus the data position, one per saved step."""
+
+  def __init__(self, workdir: str, keep: int = 3):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    self._mngr = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def save(self, state: TrainState, extra: dict) -> None:
+    if int(jax.device_get(state.bad_step)) >= 0 or not bool(jax.device_get(_all_finite(state.params))):
+      raise FloatingPointError("refusing to checkpoint a non-finite state")
+    tree = {"state": state, "extra": {k: np.asarray(v) for k, v in extra.items()}}
+    self._mngr.save(int(jax.device_get(state.step)), args=self._ocp.args.StandardSave(tree))
+    self._mngr.wait_until_finished()
+
+  def restore(self, template: TrainState, extra_template: dict, step: int | None = None
+              ) -> tuple[TrainState, dict]:
+    step = self._mngr.latest_step() if step is None else step
+    tree = {"state": template, "extra": {k: np.asarray(v) for k, v in extra_template.items()}}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+                            if not isinstance(x, jax.Array) else
+                            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    out = self._mngr.restore(step, args=self._ocp.args.StandardRestore(abstract))
+    return out["state"], {k: int(v) for k, v in out["extra"].items()}
+
+  def close(self) -> None:
+    self._mngr.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A training step produced a non-finite loss or gradient."""
+
+
+def _raise_if_bad(state: TrainState, checkpointer: Checkpointer) -> None:
+  bad = int(jax.device_get(state.bad_step))
+  if bad >= 0:
+    raise NonFiniteLossError(
+        f"non-finite loss or gradient at step {bad}: training stopped; the latest checkpoint "
+        f"(step {checkpointer.latest_step()}) holds the last good state")
+
+
+def evaluate(eval_step, params, dataset, mesh, *, batch_size: int, seed: int, max_batches: int = 0
+             ) -> dict:
+  """Mean tight MoE-IWAE over the test pairs (all of them unless `max_batches`)."""
+  from mmvae_jax import data as data_lib
+  total, count = 0.0, 0.0
+  it = data_lib.batches(dataset, batch_size, mesh, seed=seed, epoch=0, shuffle=False)
+  with it:
+    for i, batch in enumerate(it):
+      if max_batches and i >= max_batches:
+        break
+      out = eval_step(params, batch, jax.random.fold_in(jax.random.key(seed), i))
+      total += float(out["objective_sum"])
+      count += float(out["count"])
+  return {"test_objective": total / max(count, 1.0), "test_examples": count}
+
+
+def save_figures(model: MMVAE, params, test_set, workdir: str, tag: str, seed: int) -> list[str]:
+  """PNGs: 64 prior samples in every modality side by side; reconstructions and
+  cross-generations of the first 8 test pairs (rows: data, then recon[e][d])."""
+  from mmvae_jax import visualize
+  key = jax.random.key(seed)
+  samples = jax.jit(model.generate, static_argnums=2)(params, key, 64)
+  xs, _ = test_set.gather(np.arange(min(8, len(test_set))))
+  recon = jax.jit(model.reconstruct)(params, tuple(jnp.asarray(x) for x in xs), key)
+  paths = [os.path.join(workdir, f"generation_{tag}.png"), os.path.join(workdir, f"reconstruction_{tag}.png")]
+  visualize.save_png(paths[0], visualize.generation_figure([np.asarray(s) for s in samples]))
+  visualize.save_png(paths[1], visualize.reconstruction_figure(
+      xs, [[np.asarray(r) for r in row] for row in recon]))
+  return paths
+
+
+def train_and_evaluate(model: MMVAE, config: TrainConfig, workdir: str, train_set, test_set, *,
+                       devices=None, progress: bool | None = None, figures: bool = True) -> dict:
+  """Trains `model` on the paired `train_set`, resuming from `workdir` when it has a checkpoint.
+
+  Returns the last logged metrics (train and, if evaluated, test).
+  """
+  from mmvae_jax import data as data_lib
+
+  mesh = parallel.data_mesh(devices)
+  config.validate(mesh.devices.size)
+  os.makedirs(workdir, exist_ok=True)
+  optimizer = make_optimizer(config)
+  state = parallel.replicate(init_state(model, optimizer, jax.random.key(config.seed)), mesh)
+  checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+  steps_per_epoch = data_lib.num_batches(len(train_set), config.batch_size)
+  total_steps = config.epochs * steps_per_epoch
+  if config.max_steps:
+    total_steps = min(total_steps, config.max_steps)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, _ = checkpointer.restore(state, {"epoch": 0, "step_in_epoch": 0})
+    log.info("resumed from %s at step %d", workdir, latest)
+  step = int(jax.device_get(state.step))
+  last_saved = latest
+
+  train_step = jit_train_step(make_train_step(model, optimizer, config), mesh)
+  eval_step = jax.jit(make_eval_step(model, config.k))
+  eval_bs = config.eval_batch_size or config.batch_size
+  writer = MetricWriter(workdir)
+  if progress is None:
+    progress = sys.stderr.isatty()
+  from tqdm import tqdm
+  bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+  last = {}
+
+  def save():
+    nonlocal last_saved
+    _raise_if_bad(state, checkpointer)
+    if last_saved != step:
+      epoch, pos = divmod(step, steps_per_epoch)
+      checkpointer.save(state, {"epoch": epoch, "step_in_epoch": pos})
+      last_saved = step
+
+  def run_eval(epoch):
+    _raise_if_bad(state, checkpointer)
+    out = evaluate(eval_step, state.params, test_set, mesh, batch_size=eval_bs, seed=config.seed,
+                   max_batches=config.eval_batches)
+    writer.write(step, out, epoch=epoch)
+    log.info("step %d epoch %d test objective %.3f", step, epoch, out["test_objective"])
+    return out
+
+  window, window_start = [], time.perf_counter()
+  try:
+    while step < total_steps:
+      epoch, pos = divmod(step, steps_per_epoch)
+      it = data_lib.batches(train_set, config.batch_size, mesh, seed=config.seed, epoch=epoch,
+                            start_step=pos)
+      with it:
+        for batch in it:
+          state, metrics = train_step(state, batch, step_key(config.seed, step))
+          step += 1
+          window.append(metrics)
+          bar.update(1)
+          if step % config.log_every == 0 or step == total_steps:
+            _raise_if_bad(state, checkpointer)
+            fetched = jax.device_get(window)
+            elapsed = time.perf_counter() - window_start
+            n = sum(float(m["num_examples"]) for m in fetched)
+            last = {"loss": float(np.mean([m["loss"] for m in fetched])),
+                    "objective": float(np.mean([m["objective"] for m in fetched])),
+                    "examples_per_sec": n / max(elapsed, 1e-9)}
+            writer.write(step, last, epoch=epoch)
+            bar.set_postfix(loss=f"{last['loss']:.2f}", ex_s=f"{last['examples_per_sec']:.0f}")
+            window, window_start = [], time.perf_counter()
+          if config.checkpoint_every and step % config.checkpoint_every == 0:
+            save()
+          if config.eval_every and step % config.eval_every == 0:
+            last.update(run_eval(epoch))
+          if step >= total_steps:
+            break
+      if step % steps_per_epoch == 0 or step >= total_steps:  # epoch end (or the run's end)
+        if not config.eval_every:
+          last.update(run_eval(epoch))
+        save()
+        if figures:
+          save_figures(model, state.params, test_set, workdir, f"epoch{epoch:03d}", config.seed)
+      window_start = time.perf_counter()
+  finally:
+    bar.close()
+    writer.close()
+    checkpointer.close()
+  return last
