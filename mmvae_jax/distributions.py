@@ -80,7 +80,7 @@ def latent_log_prob(dist: Distribution, z: jax.Array) -> jax.Array:
     (...,) log densities, i.e. ``z.shape[:-1]``.
   """
   lp = dist.log_prob(z)
-  if lp.ndim == z.ndim:  # elementwise densities: sum over the latent axis
+  if tuple(dist.event_shape) == ():  # elementwise densities: sum over the latent axis
     lp = jnp.sum(lp, axis=-1)
   return lp
 
