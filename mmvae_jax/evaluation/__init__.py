@@ -1,0 +1,24 @@
+"""Evaluation of a trained MMVAE: the paper's Tables 1-3 and Figs 4-5 (spec §9).
+
+  from mmvae_jax import evaluation as ev
+  clf = {"mnist": ev.classifiers.for_source(mnist_train, mnist_test), ...}
+  ev.cross_coherence(model, params, test_set, clf, key=key)          # Table 2, cross
+  ev.joint_coherence(model, params, clf, key=key, num=10000)         # Table 2, joint
+  ev.subset_coherence(model, params, test_set, clf, key=key)         # any subset → the rest
+  ev.latent_probe(model, params, train_set, test_set, key=key)       # Table 1
+  ev.log_likelihoods(model, params, test_set, key=key, num_samples=1000)   # Table 3
+
+Modules: `classifiers` (digit classifiers with a checksummed cache), `coherence`, `probe`,
+`likelihood` (chunked importance sampling), `figures` (PNG), `common` (subsets, batches).
+"""
+from mmvae_jax.evaluation import classifiers, coherence, common, figures, likelihood, probe
+from mmvae_jax.evaluation.classifiers import Classifier, DigitClassifier
+from mmvae_jax.evaluation.coherence import cross_coherence, joint_coherence, subset_coherence
+from mmvae_jax.evaluation.likelihood import batch_log_likelihoods, log_likelihoods
+from mmvae_jax.evaluation.probe import latent_probe
+
+__all__ = [
+    "Classifier", "DigitClassifier", "batch_log_likelihoods", "classifiers", "coherence",
+    "common", "cross_coherence", "figures", "joint_coherence", "latent_probe", "likelihood",
+    "log_likelihoods", "probe", "subset_coherence",
+]

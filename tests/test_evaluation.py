@@ -1,0 +1,565 @@
+"""Evaluation metrics on cases with known answers (tiny models, synthetic data).
+
+A "perfect" MMVAE reads the digit off a one-hot row of each image (encoder), puts it in the
+latent as 10·one-hot (posterior scale 1e-3) and writes it back as a one-hot row (decoder); a
+parameter-free "classifier" takes the argmax of that row. Its cross, subset and joint coherence
+are 100%; with labels shuffled against the images, cross coherence is chance (~10%); decoders
+reading independent latent dimensions make joint coherence chance.
+"""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmvae_jax import data, loss
+from mmvae_jax.evaluation import classifiers as clf_lib
+from mmvae_jax.evaluation import coherence, common, figures, likelihood, probe
+from mmvae_jax.model import MMVAE, Modality
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NC = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# The perfect model and its data.
+
+
+class OneHotEncoder(nn.Module):
+  """x (B, 2, 10, C) -> loc 10·(row 0 averaged over channels), tiled to D; constant scale."""
+  latent_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    self.param("unused", nn.initializers.zeros, ())
+    row = jnp.mean(x[:, 0, :, :], axis=-1)  # (B, 10)
+    reps = -(-self.latent_dim // NC)
+    loc = 10.0 * jnp.tile(row, (1, reps))[:, :self.latent_dim]
+    return loc, jnp.zeros_like(loc)
+
+
+class OneHotDecoder(nn.Module):
+  """z (..., D) -> image (..., 2, 10, C) with softmax(5·z[offset:offset+10]) in row 0."""
+  channels: int
+  offset: int = 0
+
+  @nn.compact
+  def __call__(self, z):
+    self.param("unused", nn.initializers.zeros, ())
+    row = jax.nn.softmax(5.0 * z[..., self.offset:self.offset + NC], axis=-1)
+    img = jnp.stack([row, jnp.zeros_like(row)], axis=-2)  # (..., 2, 10)
+    return jnp.repeat(img[..., None], self.channels, axis=-1)
+
+
+class RowArgmax(nn.Module):
+  """Parameter-free digit "classifier": logits = row 0 of the image (channel mean)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return 10.0 * jnp.mean(x[:, 0, :, :], axis=-1)
+
+
+CHANNELS = (1, 3, 4)
+
+
+def perfect_model(num_modalities=2, latent_dim=20, offsets=None):
+  offsets = offsets or [0] * num_modalities
+  mods = tuple(Modality(name=f"m{i}", encoder=OneHotEncoder(latent_dim),
+                        decoder=OneHotDecoder(CHANNELS[i], offsets[i]),
+                        data_shape=(2, NC, CHANNELS[i]), llik_scale=1.0 + i,
+                        posterior_scale=lambda pre: jnp.full_like(pre, 1e-3))
+               for i in range(num_modalities))
+  return MMVAE(modalities=mods, latent_dim=latent_dim)
+
+
+def onehot_dataset(n=1000, num_modalities=2, seed=0, shuffle_labels=False):
+  rng = np.random.default_rng(seed)
+  srcs = []
+  for i in range(num_modalities):
+    digits = rng.integers(0, NC, size=n)
+    img = np.zeros((n, 2, NC, CHANNELS[i]), np.float32)
+    img[np.arange(n), 0, digits, :] = 1.0
+    img += rng.uniform(0, 0.05, size=img.shape).astype(np.float32)
+    labels = rng.permutation(digits) if shuffle_labels else digits
+    srcs.append(data.source_from_arrays(np.clip(img, 0, 1), labels, f"m{i}"))
+  return data.PairedDataset(srcs, partners=1, seed=seed)
+
+
+def row_classifiers(model):
+  return {n: clf_lib.Classifier(module=RowArgmax(), params={}) for n in model.names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Coherence.
+
+
+def test_cross_coherence_perfect_model_is_100():
+  model = perfect_model()
+  params = model.init(jax.random.key(0))
+  ds = onehot_dataset()
+  out = coherence.cross_coherence(model, params, ds, row_classifiers(model), key=jax.random.key(1),
+                                  batch_size=128)
+  assert out["num"] == len(ds)
+  assert set(out["cross"]) == {"m0→m1", "m1→m0"}
+  for v in list(out["cross"].values()) + list(out["reconstruction"].values()):
+    assert v == pytest.approx(100.0)
+
+
+def test_cross_coherence_shuffled_labels_is_chance():
+  model = perfect_model()
+  params = model.init(jax.random.key(0))
+  ds = onehot_dataset(n=3000, shuffle_labels=True)
+  out = coherence.cross_coherence(model, params, ds, row_classifiers(model), key=jax.random.key(1),
+                                  batch_size=500)
+  for v in out["cross"].values():
+    assert 6.0 < v < 14.0, out
+
+
+def test_cross_coherence_subset_is_random_not_first_rows():
+  model = perfect_model()
+  params = model.init(jax.random.key(0))
+  ds = onehot_dataset()
+  rows = common.select_rows(len(ds), 100, seed=0)
+  assert len(np.unique(ds.labels[rows])) == NC  # pairs are stored class by class
+  out = coherence.cross_coherence(model, params, ds, row_classifiers(model), key=jax.random.key(1),
+                                  num=100, batch_size=64)
+  assert out["num"] == 100
+
+
+def test_joint_coherence_perfect_and_independent():
+  model = perfect_model()
+  params = model.init(jax.random.key(0))
+  out = coherence.joint_coherence(model, params, row_classifiers(model), key=jax.random.key(2),
+                                  num=10000, batch_size=2500)
+  assert out["joint"] == pytest.approx(100.0) and out["num"] == 10000
+  assert sum(out["class_counts"]["m0"]) == 10000
+  # Decoder 1 reads latent dims 10..19, independent of decoder 0's dims 0..9 under the prior.
+  model = perfect_model(offsets=[0, 10])
+  out = coherence.joint_coherence(model, params, row_classifiers(model), key=jax.random.key(2),
+                                  num=10000, batch_size=2500)
+  assert 8.0 < out["joint"] < 12.0, out
+  # ... while cross generation still works: the encoders fill both halves.
+  ds = onehot_dataset(n=300)
+  cross = coherence.cross_coherence(model, params, ds, row_classifiers(model),
+                                    key=jax.random.key(1), batch_size=300)
+  assert all(v == pytest.approx(100.0) for v in cross["cross"].values())
+
+
+def test_subset_coherence_three_modalities():
+  model = perfect_model(num_modalities=3)
+  params = model.init(jax.random.key(0))
+  ds = onehot_dataset(n=400, num_modalities=3)
+  out = coherence.subset_coherence(model, params, ds, row_classifiers(model),
+                                   key=jax.random.key(3), batch_size=200)
+  assert len(out["by_subset"]) == 9  # 3 singletons × 2 targets + 3 pairs × 1 target
+  assert "m0+m1→m2" in out["by_subset"] and "m2→m0" in out["by_subset"]
+  assert set(out["by_size"]) == {"1", "2"}
+  assert all(v == pytest.approx(100.0) for v in out["by_subset"].values())
+
+
+def test_missing_classifier_is_one_line_error():
+  model = perfect_model()
+  params = model.init(jax.random.key(0))
+  with pytest.raises(ValueError, match="no classifier for modality 'm1'"):
+    coherence.joint_coherence(model, params, {"m0": row_classifiers(model)["m0"]},
+                              key=jax.random.key(0), num=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent probe.
+
+
+def test_linear_probe_on_separable_latents_is_100():
+  model = perfect_model()
+  params = model.init(jax.random.key(0))
+  train, test = onehot_dataset(n=1500, seed=1), onehot_dataset(n=500, seed=2)
+  out = probe.latent_probe(model, params, train, test, key=jax.random.key(0), epochs=2,
+                           batch_size=64, lr=1e-2)
+  assert out["num_test"] == len(test) and out["num_train"] == len(train)
+  for v in out["accuracy"].values():
+    assert v >= 99.0, out
+
+
+def test_linear_probe_shuffled_labels_is_chance():
+  model = perfect_model()
+  params = model.init(jax.random.key(0))
+  train = onehot_dataset(n=1500, seed=1, shuffle_labels=True)
+  test = onehot_dataset(n=2000, seed=2, shuffle_labels=True)
+  out = probe.latent_probe(model, params, train, test, key=jax.random.key(0), epochs=1,
+                           batch_size=128, lr=1e-2)
+  for v in out["accuracy"].values():
+    assert 5.0 < v < 16.0, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Likelihoods.
+
+
+class TinyEncoder(nn.Module):
+  latent_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(16)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(self.latent_dim)(h), nn.Dense(self.latent_dim)(h)
+
+
+class TinyDecoder(nn.Module):
+  shape: tuple
+
+  @nn.compact
+  def __call__(self, z):
+    h = nn.relu(nn.Dense(16)(z))
+    out = nn.sigmoid(nn.Dense(int(np.prod(self.shape)))(h))
+    return out.reshape(z.shape[:-1] + tuple(self.shape))
+
+
+TINY_SHAPES = ((4, 4, 1), (4, 4, 3))
+
+
+def tiny_model(latent_dim=3):
+  mods = tuple(Modality(name=f"m{i}", encoder=TinyEncoder(latent_dim), decoder=TinyDecoder(s),
+                        data_shape=s, llik_scale=float(np.prod(TINY_SHAPES[1]) / np.prod(s)))
+               for i, s in enumerate(TINY_SHAPES))
+  return MMVAE(modalities=mods, latent_dim=latent_dim)
+
+
+def tiny_xs(b=5, seed=0):
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.uniform(0, 1, size=(b,) + s).astype(np.float32))
+               for s in TINY_SHAPES)
+
+
+LLIK_K = 10
+
+
+@functools.lru_cache(maxsize=None)
+def _llik(chunk_size):
+  """batch_log_likelihoods of the tiny model with K = 10 (compiled once per chunk size)."""
+  model = tiny_model()
+  params = model.init(jax.random.key(0))
+  fn = jax.jit(functools.partial(likelihood.batch_log_likelihoods, model, num_samples=LLIK_K,
+                                 chunk_size=chunk_size))
+  return model, params, jax.device_get(fn(params, tiny_xs(), jax.random.key(4)))
+
+
+def test_chunked_likelihood_equals_unchunked():
+  _, _, full = _llik(None)
+  _, _, chunked = _llik(3)  # 3 does not divide 10: the last chunk is masked
+  for k in full:
+    np.testing.assert_allclose(chunked[k], full[k], rtol=1e-5)
+  assert full["given_one"].shape == (2, 2, 5) and full["given_all"].shape == (2, 5)
+
+
+def test_likelihood_estimators_match_direct_formulas():
+  model, params, out = _llik(3)
+  xs = tiny_xs()
+  key = jax.random.key(4)
+  qs = model.encode(params, xs)
+  prior = model.prior(params)
+  z = likelihood.sample_indexed(qs, key, jnp.arange(LLIK_K))  # (M, K, B, D)
+  lw = loss.log_weights(z, qs, model.log_likelihood_fn(params, xs), prior)  # λ inside
+  np.testing.assert_allclose(out["joint_weighted"], loss.log_mean_exp(lw, (0, 1)), rtol=1e-5)
+  ll = model.log_likelihoods(params, xs, z, weighted=False)  # (M_d, M_e, K, B)
+  lp = jnp.sum(prior.log_prob(z), -1)
+  lqmix = loss.moe_log_prob(qs, z)
+  np.testing.assert_allclose(out["joint_unweighted"],
+                             loss.log_mean_exp(lp + ll.sum(0) - lqmix, (0, 1)), rtol=1e-5)
+  for d in range(2):
+    np.testing.assert_allclose(out["given_all"][d], loss.log_mean_exp(ll[d] + lp - lqmix, (0, 1)),
+                               rtol=1e-5)
+    for e in range(2):
+      lq_e = jnp.sum(qs[e].log_prob(z[e]), -1)
+      np.testing.assert_allclose(out["given_one"][d, e],
+                                 loss.log_mean_exp(ll[d, e] + lp[e] - lq_e, 0), rtol=1e-5)
+  # λ_0 = 3 for the 4x4x1 modality: the weighted joint differs from the unweighted one.
+  assert not np.allclose(out["joint_weighted"], out["joint_unweighted"])
+
+
+def test_log_likelihoods_over_a_dataset():
+  model = tiny_model()
+  params = model.init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, size=30)
+  srcs = [data.source_from_arrays(rng.uniform(0, 1, (30,) + s).astype(np.float32), labels, f"m{i}")
+          for i, s in enumerate(TINY_SHAPES)]
+  ds = data.PairedDataset(srcs, partners=1)
+  out = likelihood.log_likelihoods(model, params, ds, key=jax.random.key(0), num_samples=6,
+                                   chunk_size=4, batch_size=8, num=20)
+  assert out["num"] == 20 and out["num_samples"] == 6
+  assert set(out["conditional"]) == {"log p(m0|m0,m1)", "log p(m1|m0,m1)", "log p(m0|m0)",
+                                     "log p(m0|m1)", "log p(m1|m0)", "log p(m1|m1)"}
+  assert out["lambda"] == {"m0": 3.0, "m1": 1.0} and "INSIDE" in out["convention"]
+  assert all(np.isfinite(v) for v in out["conditional"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Digit classifiers.
+
+
+def test_classifier_parameter_counts():
+  m = clf_lib.DigitClassifier()
+  for shape, count in (((28, 28, 1), 21840), ((32, 32, 3), 31340), ((16, 16, 1), 6840)):
+    p = jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1,) + shape))["params"]
+    assert clf_lib.num_params(p) == count, shape
+  with pytest.raises(ValueError, match="at least 16x16"):
+    m.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+
+
+def easy_digits(n, seed, shape=(16, 16, 1)):
+  """10 fixed random binary templates (seed 123) plus noise: an easy 10-class problem."""
+  templates = (np.random.default_rng(123).uniform(size=(NC,) + shape) > 0.5).astype(np.float32)
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, NC, size=n)
+  x = 0.7 * templates[y] + 0.3 * rng.uniform(size=(n,) + shape)
+  return (x * 255).astype(np.uint8), y.astype(np.int32)
+
+
+def test_classifier_learns_easy_digits(tmp_path):
+  shape = (28, 28, 1)
+  xtr, ytr = easy_digits(800, 0, shape)
+  xte, yte = easy_digits(300, 1, shape)
+  out = clf_lib.load_or_train("easy", xtr, ytr, xte, yte, epochs=3, batch_size=32,
+                              cache_dir=str(tmp_path))
+  assert out.trained and out.test_accuracy >= 95.0, out.test_accuracy
+  assert clf_lib.accuracy(out, xte, yte) == pytest.approx(out.test_accuracy)
+  assert out.meta["num_params"] == 21840 and out.meta["test_accuracy"] == out.test_accuracy
+
+
+def test_classifier_cache_reuse_and_retrain(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_train(fetch, num_train, input_shape, *, epochs, seed=0, module=None, **kw):
+    calls.append(epochs)  # no training: fresh parameters are enough to test the cache
+    return module.init(jax.random.key(len(calls)), jnp.zeros((1,) + tuple(input_shape)))["params"]
+  monkeypatch.setattr(clf_lib, "train_classifier", fake_train)
+
+  xtr, ytr = easy_digits(64, 0)
+  xte, yte = easy_digits(32, 1)
+  kw = dict(epochs=3, cache_dir=str(tmp_path), seed=0)
+  first = clf_lib.load_or_train("easy", xtr, ytr, xte, yte, **kw)
+  assert first.trained and calls == [3]
+  assert sorted(os.listdir(first.path)) == ["meta.json", "params.msgpack", "params.sha256"]
+  assert os.path.basename(first.path).startswith("easy-16x16x1-source-e3-s0-")
+  assert first.checksum == clf_lib.checksum(first.params)
+  with open(os.path.join(first.path, "params.sha256")) as f:
+    assert f.read().split()[0] == first.checksum
+
+  second = clf_lib.load_or_train("easy", xtr, ytr, xte, yte, **kw)
+  assert not second.trained and len(calls) == 1  # reused, not retrained
+  assert second.checksum == first.checksum and second.test_accuracy == first.test_accuracy
+  np.testing.assert_array_equal(second.predict(xte), first.predict(xte))
+
+  with open(os.path.join(first.path, "params.sha256"), "w") as f:
+    f.write("0" * 64 + "  params.msgpack\n")  # corrupted checksum
+  third = clf_lib.load_or_train("easy", xtr, ytr, xte, yte, **kw)
+  assert third.trained and len(calls) == 2
+
+  with open(os.path.join(first.path, "params.msgpack"), "ab") as f:
+    f.write(b"x")  # params no longer match their checksum
+  assert clf_lib.load_or_train("easy", xtr, ytr, xte, yte, **kw).trained and len(calls) == 3
+  os.remove(os.path.join(first.path, "meta.json"))
+  assert clf_lib.load_or_train("easy", xtr, ytr, xte, yte, **kw).trained and len(calls) == 4
+  assert not clf_lib.load_or_train("easy", xtr, ytr, xte, yte, **kw).trained
+
+  assert clf_lib.load_or_train("easy", xtr, ytr, xte, yte, retrain=True, **kw).trained
+  assert len(calls) == 5
+  # Other data, another epoch count or another recipe never reuse this entry.
+  other = clf_lib.load_or_train("easy", xtr[:32], ytr[:32], xte, yte, **kw)
+  assert other.trained and other.path != first.path
+  assert clf_lib.load_or_train("easy", xtr, ytr, xte, yte, epochs=1, cache_dir=str(tmp_path)).trained
+  assert calls[-1] == 1
+
+
+def test_default_classifier_epochs():
+  assert clf_lib.default_epochs("source", 60000) == 7      # MNIST: 235 steps an epoch
+  assert clf_lib.default_epochs("source", 73257) == 6      # SVHN
+  assert clf_lib.default_epochs("source", 7291) == 52      # usps_colour: 29 steps an epoch
+  assert clf_lib.default_epochs("source", 10**7) == 5
+  assert clf_lib.default_epochs("paired", 1682040) == 30
+
+
+def test_classifier_on_paired_set(tmp_path):
+  xtr, ytr = easy_digits(200, 0)
+  xte, yte = easy_digits(100, 1)
+  srcs = [data.source_from_arrays(xtr, ytr, "a"), data.source_from_arrays(xtr[::-1], ytr[::-1], "b")]
+  paired = data.PairedDataset(srcs, partners=2)
+  test_src = data.source_from_arrays(xte, yte, "b")
+  out = clf_lib.for_paired(paired, 1, test_src, epochs=1, batch_size=64, cache_dir=str(tmp_path))
+  assert out.trained and out.meta["recipe"] == "paired" and out.meta["num_train"] == len(paired)
+  assert "-paired-e1-" in out.path
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures.
+
+
+def test_figures_and_traversals(tmp_path):
+  model = tiny_model()
+  params = model.init(jax.random.key(0))
+  params["prior"]["scale_logits"] = jnp.asarray([0.0, 1.0, -1.0])
+  xs = tiny_xs(b=6)
+  key = jax.random.key(0)
+  figures.generation_grid(model, params, key, str(tmp_path / "gen.png"), num=16)
+  figures.reconstruction_grid(model, params, [np.asarray(x) for x in xs], key,
+                              str(tmp_path / "rec.png"))
+  out = figures.latent_traversals(model, params, [np.asarray(x[:1]) for x in xs],
+                                  str(tmp_path / "trav.png"), steps=5)
+  scale = 3 * jax.nn.softmax(params["prior"]["scale_logits"])
+  np.testing.assert_allclose(out["prior_std"], np.sqrt(2) * scale, rtol=1e-6)  # Laplace std
+  assert out["images"][("m0", "m1")].shape == (3, 5, 4, 4, 3)
+  lat = figures.traversal_latents(jnp.asarray([1.0, 2.0, 3.0]), jnp.asarray(out["prior_std"]), 5)
+  np.testing.assert_allclose(lat[1, :, 1], 2.0 + np.linspace(-5, 5, 5) * out["prior_std"][1],
+                             rtol=1e-6)
+  np.testing.assert_allclose(lat[1, :, 0], 1.0)
+  stats = figures.kl_statistics(model, params, xs)
+  assert stats["prior"]["m0"].shape == (6, 3) and stats["symmetric"]["m0|m1"].shape == (6, 3)
+  qs = model.encode(params, xs)
+  from mmvae_jax.distributions import kl_divergence
+  np.testing.assert_allclose(stats["prior"]["m1"].sum(-1), kl_divergence(qs[1], model.prior(params)),
+                             rtol=1e-5)
+  figures.kl_boxplot(stats, str(tmp_path / "kl.png"))
+  for name in ("gen.png", "rec.png", "trav.png", "kl.png"):
+    assert (tmp_path / name).stat().st_size > 500, name
+  json.dumps(figures.kl_summary(stats))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command.
+
+FAKE_NETWORKS = """
+import types
+import flax.linen as nn, numpy as np
+
+class Enc(nn.Module):
+  latent_dim: int = 20
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(8)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(self.latent_dim)(h), nn.Dense(self.latent_dim)(h)
+
+def dec(shape):
+  class Dec(nn.Module):
+    latent_dim: int = 20
+    impl: str = "auto"
+    @nn.compact
+    def __call__(self, z):
+      out = nn.sigmoid(nn.Dense(int(np.prod(shape)))(z))
+      return out.reshape(z.shape[:-1] + shape)
+  return Dec
+
+networks = types.ModuleType("mmvae_jax.networks")
+networks.MnistEncoder = networks.SvhnEncoder = Enc
+networks.MnistDecoder, networks.SvhnDecoder = dec((28, 28, 1)), dec((32, 32, 3))
+"""
+
+RUN_WITH_FAKE_NETWORKS = FAKE_NETWORKS + """
+import runpy, sys
+sys.modules["mmvae_jax.networks"] = networks
+import mmvae_jax
+mmvae_jax.networks = networks
+script = sys.argv[1]
+sys.argv = [script] + sys.argv[2:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def _npz(path, shape, n_train, n_test, seed):
+  rng = np.random.default_rng(seed)
+  np.savez(path, x_train=rng.integers(0, 256, (n_train,) + shape, dtype=np.uint8),
+           y_train=np.arange(n_train) % NC, x_test=rng.integers(0, 256, (n_test,) + shape,
+                                                                 dtype=np.uint8),
+           y_test=np.arange(n_test) % NC)
+
+
+def _fake_workdir(tmp_path, monkeypatch):
+  """A workdir as experiments/mnist_svhn.py writes it (run.json + an orbax checkpoint of an
+  initial state), for an MMVAE whose networks are the small MLPs of FAKE_NETWORKS."""
+  import dataclasses
+  import mmvae_jax
+  from mmvae_jax import model as model_lib, train
+  ns = {}
+  exec(FAKE_NETWORKS, ns)  # pylint: disable=exec-used
+  monkeypatch.setitem(sys.modules, "mmvae_jax.networks", ns["networks"])
+  monkeypatch.setattr(mmvae_jax, "networks", ns["networks"], raising=False)
+  mnist, svhn = tmp_path / "mnist.npz", tmp_path / "standin.npz"
+  _npz(mnist, (28, 28), 60, 40, 0)
+  _npz(svhn, (32, 32, 3), 60, 40, 1)
+  config = train.TrainConfig(k=2, batch_size=8, latent_dim=4, partners=1, seed=1)
+  model = model_lib.mnist_svhn(4)
+  wd = tmp_path / "run"
+  ckpt = train.Checkpointer(str(wd))
+  ckpt.save(train.init_state(model, train.make_optimizer(config), jax.random.key(0)),
+            {"epoch": 0, "step_in_epoch": 0})
+  ckpt.close()
+  run = {"config": dataclasses.asdict(config),
+         "sources": {"mnist": str(mnist), "svhn": str(svhn), "data_dir": None},
+         "modalities": {m.name: {"shape": list(m.data_shape), "llik_scale": m.llik_scale}
+                        for m in model.modalities}}
+  (wd / "run.json").write_text(json.dumps(run))
+  return wd
+
+
+def test_evaluate_command_with_stand_in_networks(tmp_path, monkeypatch):
+  """experiments/evaluate.py end to end on an untrained checkpoint, MLPs in place of networks.py."""
+  wd = _fake_workdir(tmp_path, monkeypatch)
+  # Cached (untrained) classifiers under the keys evaluate.py computes: it must load, not train.
+  for name, shape in (("mnist", (28, 28, 1)), ("standin", (32, 32, 3))):
+    src = data.load_source(str(tmp_path / f"{name}.npz"), "train")
+    key = clf_lib.source_key(name, shape, "source", 1, 1,
+                             clf_lib.data_fingerprint(src.images, src.labels))
+    params = clf_lib.DigitClassifier().init(jax.random.key(0), jnp.zeros((1,) + shape))["params"]
+    clf_lib.save(str(tmp_path / "cache" / key), params, {"test_accuracy": 12.5})
+  wrapper = tmp_path / "run_with_fake_networks.py"
+  wrapper.write_text(RUN_WITH_FAKE_NETWORKS)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  evaluate = lambda *args: subprocess.run(
+      [sys.executable, str(wrapper), os.path.join(REPO, "experiments", "evaluate.py"), *args],
+      env=env, cwd=REPO, capture_output=True, text=True)
+  res = evaluate(f"--workdir={wd}", "--num_test=16", "--probe_num_train=16",
+                 "--classifier_epochs=1", "--llik_k=4", "--llik_num=4", "--llik_chunk=3",
+                 "--joint_num=20", "--kl_num=8", "--traversal_steps=3", "--batch_size=8",
+                 f"--classifier_cache={tmp_path / 'cache'}")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "NOT SVHN" in res.stdout and "Table 1" in res.stdout and "Table 3" in res.stdout
+  assert res.stdout.count("test accuracy 12.50% on its own test split; loaded") == 2
+  out = json.loads((wd / "results.json").read_text())
+  assert out["sources"]["svhn"]["genuine"] is False and out["notice"]
+  assert out["sources"]["mnist"]["genuine"] is True
+  assert set(out["table2_coherence"]["cross"]["cross"]) == {"mnist→svhn", "svhn→mnist"}
+  assert out["table3_likelihoods"]["num_samples"] == 4
+  assert out["table3_likelihoods"]["lambda"]["mnist"] == pytest.approx(3072 / 784)
+  assert out["table1_probe"]["num_test"] == 16
+  for name in ("generation", "reconstruction", "traversals", "kl"):
+    assert (wd / f"eval_{name}.png").exists()
+  # A missing workdir is a one-line error.
+  res = evaluate(f"--workdir={tmp_path / 'none'}")
+  assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
+  assert "run.json not found" in res.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_end_to_end(tmp_path, shared_data):
+  """The real networks on real MNIST and the usps_colour stand-in (needs mmvae_jax.networks)."""
+  pytest.importorskip("mmvae_jax.networks")
+  wd = tmp_path / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  subprocess.run([sys.executable, os.path.join(REPO, "experiments", "mnist_svhn.py"),
+                  f"--mnist={shared_data / 'mnist.npz'}", f"--svhn={shared_data / 'usps_colour.npz'}",
+                  f"--workdir={wd}", "--max_steps=3", "--k=2", "--batch_size=16",
+                  "--eval_batches=1"], check=True, env=env, cwd=REPO)
+  res = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "evaluate.py"),
+                        f"--workdir={wd}", "--num_test=64", "--probe_epochs=1",
+                        "--probe_num_train=256", "--classifier_epochs=1", "--llik_k=4",
+                        "--llik_num=8", "--joint_num=64", f"--classifier_cache={tmp_path / 'c'}"],
+                       check=True, env=env, cwd=REPO, capture_output=True, text=True)
+  assert "NOT SVHN" in res.stdout
+  out = json.loads((wd / "results.json").read_text())
+  assert set(out) >= {"table1_probe", "table2_coherence", "table3_likelihoods", "sources"}
+  assert (wd / "eval_generation.png").exists()
