@@ -1,0 +1,440 @@
+"""Layers with PyTorch semantics: default initialisers and transposed convolutions.
+
+Transposed convolutions
+-----------------------
+PyTorch's ``ConvTranspose2d(k, s, p)`` maps an input of size H to ``s·(H − 1) + k − 2p`` by the
+scatter rule ``out[s·i + t − p] += in[i] · w[t]`` (t the kernel tap). Equivalently it is a stride-1
+correlation over the input dilated by s and padded by ``k − 1 − p`` per side, with the kernel
+flipped spatially.
+
+Kernel convention. Every kernel here has shape ``(kh, kw, C_in, C_out)`` and is the kernel that
+``flax.linen.ConvTranspose`` (``transpose_kernel=False``) and ``lax.conv_transpose`` correlate with,
+so a parameter subtree ``{"kernel", "bias"}`` can be applied by ``nn.ConvTranspose`` unchanged
+(with ``padding=((k-1-p, k-1-p),) * 2``). It is the spatial flip of PyTorch's weight:
+``kernel[a, b, i, o] == w_torch[i, o, kh-1-a, kw-1-b]``; to load a PyTorch weight ``w`` of shape
+``(C_in, C_out, kh, kw)`` use ``w.transpose(2, 3, 0, 1)[::-1, ::-1]``.
+
+Formulations (all give the same numbers up to float rounding):
+
+* ``"conv"``: ``lax.conv_transpose`` (an XLA convolution). The fast path on GPU/TPU; on XLA:CPU
+  strided transposed convolutions are slow (about 6-8x slower than the matmul forms below).
+* ``"window"`` (sub-pixel / phase form, k=4, s=2, p=1 only): every 2×2 block of output pixels
+  depends on one 2×2 window of the input padded by 1. Windows are built by concatenating four
+  shifted slices (features 4·C_in, grid (H+1)×(W+1)), multiplied by a (4·C_in, 4·C_out) matrix
+  assembled from the 16 taps, then depth-to-space and a one-pixel crop.
+* ``"col2im"`` (k=4, s=2, p=1 only): one matmul C_in → 16·C_out (every tap of every input pixel),
+  then an overlap-add of four shifted slices, depth-to-space and crop. Exact FLOPs and a small
+  input expansion; good when C_out is small or the input grid is small.
+* A stride-1, padding-0 transposed convolution of a 1×1 input is a plain matmul
+  (``conv_transpose_from_1x1``); it is used for both matmul variants.
+
+``"matmul"`` picks ``"col2im"`` or ``"window"`` per layer (see ``choose_matmul_variant``) and
+``"auto"`` resolves to ``"matmul"`` on the CPU backend and ``"conv"`` elsewhere.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+IMPLS = ("auto", "conv", "matmul", "window", "col2im")
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch default initialisation
+# ------------------------------------------------------------------------------------------------
+
+def torch_uniform(bound: float) -> Initializer:
+  """Initialiser drawing U(−bound, +bound) (PyTorch's default for weights and biases)."""
+  def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+  return init
+
+
+def linear_bound(in_features: int) -> float:
+  """Bound 1/sqrt(fan_in) of ``nn.Linear`` weight and bias, fan_in = in_features."""
+  return 1.0 / math.sqrt(in_features)
+
+
+def conv_bound(in_channels: int, kernel_size: Sequence[int]) -> float:
+  """Bound of ``nn.Conv2d`` weight and bias: fan_in = C_in·kh·kw."""
+  return 1.0 / math.sqrt(in_channels * math.prod(kernel_size))
+
+
+def conv_transpose_bound(out_channels: int, kernel_size: Sequence[int]) -> float:
+  """Bound of ``nn.ConvTranspose2d`` weight and bias: PyTorch's fan_in is C_out·kh·kw."""
+  return 1.0 / math.sqrt(out_channels * math.prod(kernel_size))
+
+
+class Dense(nn.Module):
+  """``torch.nn.Linear``: (..., C_in) → (..., features), PyTorch default initialisation.
+
+  Parameters (same tree as ``flax.linen.Dense``): ``kernel`` (C_in, features) and ``bias``
+  (features,), both U(±1/sqrt(C_in)).
+  """
+  features: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    bound = linear_bound(x.shape[-1])
+    kernel = self.param("kernel", torch_uniform(bound), (x.shape[-1], self.features))
+    bias = self.param("bias", torch_uniform(bound), (self.features,))
+    return jnp.dot(x, kernel) + bias
+
+
+# ------------------------------------------------------------------------------------------------
+# Convolutions (PyTorch Conv2d semantics, NHWC)
+# ------------------------------------------------------------------------------------------------
+
+def conv2d(x: Array, kernel: Array, bias: Array, *, stride: int, padding: int) -> Array:
+  """``torch.nn.Conv2d(k, stride, padding)`` on NHWC input.
+
+  Args:
+    x: (N, H, W, C_in).
+    kernel: (kh, kw, C_in, C_out) (the flax ``nn.Conv`` layout, no flip).
+    bias: (C_out,).
+  Returns:
+    (N, (H + 2p − kh)//s + 1, (W + 2p − kw)//s + 1, C_out).
+  """
+  chex.assert_rank(x, 4)
+  chex.assert_rank(kernel, 4)
+  y = lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=((padding, padding),) * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y + bias
+
+
+class Conv2d(nn.Module):
+  """``torch.nn.Conv2d`` (NHWC, explicit symmetric padding, PyTorch default initialisation).
+
+  Input (N, H, W, C_in) → (N, H_out, W_out, features). Parameters (same tree as ``nn.Conv``):
+  ``kernel`` (k, k, C_in, features), ``bias`` (features,), both U(±1/sqrt(C_in·k·k)).
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k = self.kernel_size
+    bound = conv_bound(x.shape[-1], (k, k))
+    kernel = self.param("kernel", torch_uniform(bound), (k, k, x.shape[-1], self.features))
+    bias = self.param("bias", torch_uniform(bound), (self.features,))
+    return conv2d(x, kernel, bias, stride=self.stride, padding=self.padding)
+
+
+# ------------------------------------------------------------------------------------------------
+# Transposed convolutions (PyTorch ConvTranspose2d semantics, NHWC)
+# ------------------------------------------------------------------------------------------------
+
+def conv_transpose_out_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
+  """Output length of ``ConvTranspose2d``: s·(H − 1) + k − 2p (no output_padding)."""
+  return stride * (size - 1) + kernel_size - 2 * padding
+
+
+def conv_transpose_lax(x: Array, kernel: Array, bias: Array, *, stride: int,
+                       padding: int) -> Array:
+  """``ConvTranspose2d(k, stride, padding)`` as an XLA convolution (``lax.conv_transpose``).
+
+  Args:
+    x: (N, H, W, C_in).
+    kernel: (k, k, C_in, C_out), flax convention (see the module docstring).
+    bias: (C_out,).
+  Returns:
+    (N, s(H−1)+k−2p, s(W−1)+k−2p, C_out).
+  """
+  chex.assert_rank(x, 4)
+  k = kernel.shape[0]
+  pad = k - 1 - padding
+  y = lax.conv_transpose(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y + bias
+
+
+def conv_transpose_from_1x1(x: Array, kernel: Array, bias: Array) -> Array:
+  """``ConvTranspose2d(k, stride=any, padding=0)`` of a 1×1 input: one matmul.
+
+  out[y, x, o] = Σ_i in[i] · w_torch[i, o, y, x] = Σ_i in[i] · kernel[k−1−y, k−1−x, i, o].
+
+  Args:
+    x: (N, C_in) or (N, 1, 1, C_in).
+    kernel: (k, k, C_in, C_out); bias: (C_out,).
+  Returns:
+    (N, k, k, C_out).
+  """
+  kh, kw, c_in, c_out = kernel.shape
+  if x.ndim == 4:
+    chex.assert_shape(x, (None, 1, 1, c_in))
+    x = x.reshape(x.shape[0], c_in)
+  chex.assert_shape(x, (None, c_in))
+  w = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c_in, kh * kw * c_out)
+  y = jnp.dot(x, w).reshape(x.shape[0], kh, kw, c_out)
+  return y + bias
+
+
+def _depth_to_space_crop(y: Array, c_out: int) -> Array:
+  """(N, H+1, W+1, 4·C) phase blocks → (N, 2H, 2W, C), dropping the outer pixel ring.
+
+  Block (t, u), phase (r, q) (features ordered (r, q, c)) is the uncropped pixel
+  (2t + r, 2u + q), i.e. output pixel (2t + r − 1, 2u + q − 1).
+  """
+  n, hp, wp = y.shape[:3]
+  y = y.reshape(n, hp, wp, 2, 2, c_out).transpose(0, 1, 3, 2, 4, 5)
+  y = y.reshape(n, 2 * hp, 2 * wp, c_out)
+  return y[:, 1:2 * hp - 1, 1:2 * wp - 1, :]
+
+
+def _pad_space_to_depth(g: Array) -> Array:
+  """Adjoint of `_depth_to_space_crop`: (N, 2H, 2W, C) → (N, H+1, W+1, 4·C), zero ring."""
+  n, h2, w2, c = g.shape
+  g = jnp.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  g = g.reshape(n, h2 // 2 + 1, 2, w2 // 2 + 1, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  return g.reshape(n, h2 // 2 + 1, w2 // 2 + 1, 4 * c)
+
+
+def _windows_2x2(p: Array) -> Array:
+  """im2col of 2×2 windows: (N, A+1, B+1, C) → (N, A, B, 4·C), features (dy, dx, c).
+
+  Four shifted slices, concatenated; its adjoint is `_overlap_add_2x2`.
+  """
+  a, b = p.shape[1] - 1, p.shape[2] - 1
+  return jnp.concatenate(
+      [p[:, dy:dy + a, dx:dx + b, :] for dy in (0, 1) for dx in (0, 1)], axis=-1)
+
+
+def _overlap_add_2x2(y: Array) -> Array:
+  """col2im of 2×2 windows: (N, A, B, 4·F), features (dy, dx, f) → (N, A+1, B+1, F).
+
+  out[t, u] = Σ_{dy,dx} y[t − dy, u − dx, (dy, dx)] (terms outside the grid are zero).
+  """
+  f = y.shape[-1] // 4
+  return sum(jnp.pad(y[..., (2 * dy + dx) * f:(2 * dy + dx + 1) * f],
+                     ((0, 0), (dy, 1 - dy), (dx, 1 - dx), (0, 0)))
+             for dy in (0, 1) for dx in (0, 1))
+
+
+def _weight_grad(a: Array, g: Array) -> Array:
+  """Σ over all leading positions of a^T g: a (..., K), g (..., M) → (K, M)."""
+  return jnp.dot(a.reshape(-1, a.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+
+
+def window_weight(kernel: Array) -> Array:
+  """The (4·C_in, 4·C_out) matrix of the window form of ConvTranspose2d(4, 2, 1).
+
+  Rows are (dy, dx, i): the input pixel at offset (dy, dx) of a 2×2 window of the input padded
+  by 1. Columns are (r, q, o): the output phase. Window (t, u) covers padded pixels
+  (t+dy, u+dx) = input pixels (t+dy−1, u+dx−1) and produces output pixels (2t+r−1, 2u+q−1),
+  through PyTorch tap 2 + r − 2·dy, i.e. flax tap 2·dy + 1 − r.
+  """
+  kh, kw, c_in, c_out = kernel.shape
+  assert (kh, kw) == (4, 4), kernel.shape
+  # (4, 4) taps → (dy, 1−r, dx, 1−q); reverse the phase axes to index by (r, q).
+  w = kernel.reshape(2, 2, 2, 2, c_in, c_out)[:, ::-1, :, ::-1]
+  w = w.transpose(0, 2, 4, 1, 3, 5)  # (dy, dx, i, r, q, o)
+  return w.reshape(4 * c_in, 4 * c_out)
+
+
+@jax.custom_vjp
+def _window_matmul(x: Array, wm: Array) -> Array:
+  """x (N, H, W, C_in), wm = window_weight(kernel) → (N, 2H, 2W, C_out), no bias."""
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  y = jnp.dot(_windows_2x2(xp), wm)  # (N, H+1, W+1, 4·C_out)
+  return _depth_to_space_crop(y, wm.shape[1] // 4)
+
+
+def _window_matmul_fwd(x, wm):
+  return _window_matmul(x, wm), (x, wm)
+
+
+def _window_matmul_bwd(res, g):
+  # Hand-written so that XLA sees: one pad+space-to-depth, two matmuls, one fused sum of four
+  # slices (the adjoint of the window concat), and no zero-padded partial sums.
+  x, wm = res
+  _, h, w, c_in = x.shape
+  gy = _pad_space_to_depth(g)  # (N, H+1, W+1, 4·C_out)
+  gcols = jnp.dot(gy, wm.T)  # (N, H+1, W+1, 4·C_in)
+  # Input pixel i is padded pixel i+1, covered by window i+1−dy at offset dy.
+  gx = sum(gcols[:, 1 - dy:1 - dy + h, 1 - dx:1 - dx + w, (2 * dy + dx) * c_in:(2 * dy + dx + 1) * c_in]
+           for dy in (0, 1) for dx in (0, 1))
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return gx, _weight_grad(_windows_2x2(xp), gy)
+
+
+_window_matmul.defvjp(_window_matmul_fwd, _window_matmul_bwd)
+
+
+def conv_transpose_window(x: Array, kernel: Array, bias: Array) -> Array:
+  """ConvTranspose2d(4, 2, 1), window (sub-pixel) form: one (4·C_in → 4·C_out) matmul.
+
+  Args:
+    x: (N, H, W, C_in). kernel: (4, 4, C_in, C_out). bias: (C_out,).
+  Returns:
+    (N, 2H, 2W, C_out).
+  """
+  chex.assert_rank(x, 4)
+  return _window_matmul(x, window_weight(kernel)) + bias
+
+
+def col2im_weight(kernel: Array) -> Array:
+  """The (C_in, 16·C_out) matrix of the col2im form of ConvTranspose2d(4, 2, 1).
+
+  Columns are (a, b, r, q, o) for PyTorch tap (2a + r, 2b + q) (flax tap (3−2a−r, 3−2b−q)).
+  """
+  kh, kw, c_in, c_out = kernel.shape
+  assert (kh, kw) == (4, 4), kernel.shape
+  w = kernel[::-1, ::-1].reshape(2, 2, 2, 2, c_in, c_out)  # (a, r, b, q, i, o), PyTorch taps
+  w = w.transpose(4, 0, 2, 1, 3, 5)  # (i, a, b, r, q, o)
+  return w.reshape(c_in, 16 * c_out)
+
+
+@jax.custom_vjp
+def _col2im_matmul(x: Array, wc: Array) -> Array:
+  """x (N, H, W, C_in), wc = col2im_weight(kernel) → (N, 2H, 2W, C_out), no bias."""
+  z = _overlap_add_2x2(jnp.dot(x, wc))  # (N, H+1, W+1, 4·C_out)
+  return _depth_to_space_crop(z, wc.shape[1] // 16)
+
+
+def _col2im_matmul_fwd(x, wc):
+  return _col2im_matmul(x, wc), (x, wc)
+
+
+def _col2im_matmul_bwd(res, g):
+  # The adjoint of the overlap-add is the 2×2 window im2col of the (padded) output gradient.
+  x, wc = res
+  gy = _windows_2x2(_pad_space_to_depth(g))  # (N, H, W, 16·C_out)
+  return jnp.dot(gy, wc.T), _weight_grad(x, gy)
+
+
+_col2im_matmul.defvjp(_col2im_matmul_fwd, _col2im_matmul_bwd)
+
+
+def conv_transpose_col2im(x: Array, kernel: Array, bias: Array) -> Array:
+  """ConvTranspose2d(4, 2, 1), col2im form: a (C_in → 16·C_out) matmul then overlap-add.
+
+  Input pixel (i, j) with PyTorch tap (2a + r, 2b + q) lands on output pixel
+  (2(i+a) + r − 1, 2(j+b) + q − 1), i.e. phase block (i+a, j+b), phase (r, q).
+
+  Args:
+    x: (N, H, W, C_in). kernel: (4, 4, C_in, C_out). bias: (C_out,).
+  Returns:
+    (N, 2H, 2W, C_out).
+  """
+  chex.assert_rank(x, 4)
+  return _col2im_matmul(x, col2im_weight(kernel)) + bias
+
+
+def choose_matmul_variant(height: int, width: int, c_in: int, c_out: int) -> str:
+  """Which matmul form "matmul" uses for a ConvTranspose2d(4, 2, 1) layer.
+
+  The window form does ((H+1)(W+1))/(HW) times the necessary FLOPs (1.56 at 4×4, 1.27 at 8×8)
+  but its matmul is (4·C_in → 4·C_out); col2im does exact FLOPs but expands every input pixel
+  to 16·C_out values and has a thin (C_in → 16·C_out) matmul. Measured fwd+bwd on XLA:CPU
+  (benchmarks/decoder.py, SVHN decoder): col2im wins at 4×4 (128→64) and for few output
+  channels (32→3 at 16×16); the window form wins at 8×8 (64→32). Rule: window when its FLOP
+  overhead is below 1.3 and its per-pixel expansion (4·C_in·overhead) is below col2im's
+  (16·C_out); otherwise col2im.
+  """
+  overhead = (height + 1) * (width + 1) / (height * width)
+  if overhead < 1.3 and 4 * c_in * overhead < 16 * c_out:
+    return "window"
+  return "col2im"
+
+
+def resolve_impl(impl: str) -> str:
+  """"auto" → "matmul" on the CPU backend, else "conv"; other values are returned unchanged."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown transposed-convolution impl {impl!r}; expected one of {IMPLS}")
+  if impl == "auto":
+    return "matmul" if jax.default_backend() == "cpu" else "conv"
+  return impl
+
+
+def conv_transpose(x: Array, kernel: Array, bias: Array, *, stride: int, padding: int,
+                   impl: str = "auto") -> Array:
+  """``torch.nn.ConvTranspose2d(k, stride, padding)`` on NHWC input, any formulation.
+
+  The matmul formulations cover a 1×1 input with padding 0 and k=4, s=2, p=1; other
+  configurations use ``lax.conv_transpose`` whatever ``impl`` says.
+
+  Args:
+    x: (N, H, W, C_in).
+    kernel: (k, k, C_in, C_out), flax convention (see the module docstring).
+    bias: (C_out,).
+    impl: one of ``IMPLS``.
+  Returns:
+    (N, s(H−1)+k−2p, s(W−1)+k−2p, C_out).
+  """
+  chex.assert_rank(x, 4)
+  kh, kw, c_in, c_out = kernel.shape
+  chex.assert_shape(x, (None, None, None, c_in))
+  chex.assert_shape(bias, (c_out,))
+  impl = resolve_impl(impl)
+  n, h, w, _ = x.shape
+  if impl != "conv":
+    if h == 1 and w == 1 and padding == 0:
+      return conv_transpose_from_1x1(x, kernel, bias)
+    if (kh, kw, stride, padding) == (4, 4, 2, 1):
+      if impl == "matmul":
+        impl = choose_matmul_variant(h, w, c_in, c_out)
+      if impl == "window":
+        return conv_transpose_window(x, kernel, bias)
+      return conv_transpose_col2im(x, kernel, bias)
+  return conv_transpose_lax(x, kernel, bias, stride=stride, padding=padding)
+
+
+def conv_transpose_params(module: nn.Module, in_features: int, features: int,
+                          kernel_size: int) -> tuple[Array, Array]:
+  """Declare ``kernel`` (k, k, C_in, C_out) and ``bias`` (C_out,) on ``module`` (compact).
+
+  PyTorch default initialisation of ConvTranspose2d: U(±1/sqrt(C_out·k·k)) for both.
+  """
+  bound = conv_transpose_bound(features, (kernel_size, kernel_size))
+  kernel = module.param("kernel", torch_uniform(bound),
+                        (kernel_size, kernel_size, in_features, features))
+  bias = module.param("bias", torch_uniform(bound), (features,))
+  return kernel, bias
+
+
+class ConvTranspose2d(nn.Module):
+  """``torch.nn.ConvTranspose2d(C_in, features, k, stride, padding)`` on NHWC input.
+
+  Input (N, H, W, C_in) → (N, s(H−1)+k−2p, s(W−1)+k−2p, features). Parameters ``kernel``
+  (k, k, C_in, features) and ``bias`` (features,): the same tree as ``flax.linen.ConvTranspose``
+  with ``padding=k−1−p`` per side, whichever ``impl`` computes it.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel, bias = conv_transpose_params(self, x.shape[-1], self.features, self.kernel_size)
+    return conv_transpose(x, kernel, bias, stride=self.stride, padding=self.padding,
+                          impl=self.impl)
+
+
+class ConvTransposeParams(nn.Module):
+  """Holds the parameters of a ConvTranspose2d without applying it.
+
+  ``__call__()`` returns ``(kernel, bias)``; used by modules that apply the layer inside a
+  ``lax.map`` (linen submodules cannot be called inside raw JAX transforms). Same tree and
+  initialisation as ``ConvTranspose2d``.
+  """
+  in_features: int
+  features: int
+  kernel_size: int
+
+  @nn.compact
+  def __call__(self) -> tuple[Array, Array]:
+    return conv_transpose_params(self, self.in_features, self.features, self.kernel_size)
