@@ -21,13 +21,19 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum("model", "mmvae", ["mmvae", "mvae", "vae_mnist", "vae_svhn"],
+                  "mmvae: mixture of experts (the paper); mvae: product of experts (Wu & Goodman "
+                  "2018) with the same networks; vae_mnist / vae_svhn: single-modality VAEs "
+                  "(the single-VAE baselines, trained on that source alone).")
 flags.DEFINE_integer("k", 30, "Importance samples per expert (K).")
 flags.DEFINE_enum("estimator", "legacy", ["legacy", "dreg", "iwae"],
                   "Gradient estimator: legacy = the official code's effective gradient (IWAE "
                   "sticking-the-landing, reproduces its numbers); dreg = true doubly-"
                   "reparameterised gradients as the paper describes; iwae = plain autodiff.")
-flags.DEFINE_enum("objective", "moe_iwae", ["moe_iwae", "moe_elbo"],
-                  "moe_iwae (eq. (3)) or the official m_elbo (ignores K and --looser).")
+flags.DEFINE_enum("objective", None, ["moe_iwae", "moe_elbo"],
+                  "moe_iwae (eq. (3); for --model=mvae the K-sample sub-sampled IWAE) or "
+                  "moe_elbo (the official m_elbo, which ignores K and --looser; for --model=mvae "
+                  "Wu & Goodman's sub-sampled ELBO). Default: moe_elbo for mvae, else moe_iwae.")
 flags.DEFINE_boolean("looser", True, "Stratified bound of eq. (3); --nolooser: tight bound.")
 flags.DEFINE_boolean("learn_prior", True, "Learn the prior's scale logits.")
 flags.DEFINE_integer("latent_dim", 20, "Latent dimension D.")
@@ -69,8 +75,9 @@ def main(argv):
   import jax
   from mmvae_jax import data, model as model_lib, train
 
+  objective = FLAGS.objective or ("moe_elbo" if FLAGS.model == "mvae" else "moe_iwae")
   config = train.TrainConfig(
-      k=FLAGS.k, estimator=FLAGS.estimator, objective=FLAGS.objective, looser=FLAGS.looser,
+      k=FLAGS.k, estimator=FLAGS.estimator, objective=objective, looser=FLAGS.looser,
       learn_prior=FLAGS.learn_prior, latent_dim=FLAGS.latent_dim, batch_size=FLAGS.batch_size,
       epochs=FLAGS.epochs, max_steps=FLAGS.max_steps, lr=FLAGS.lr,
       llik_scaling=FLAGS.llik_scaling, partners=FLAGS.partners, seed=FLAGS.seed,
@@ -84,22 +91,35 @@ def main(argv):
     sys.exit(2)
 
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  specs = {"mnist": FLAGS.mnist, "svhn": FLAGS.svhn}
+  used = {"vae_mnist": ["mnist"], "vae_svhn": ["svhn"]}.get(FLAGS.model, ["mnist", "svhn"])
   try:
-    train_sources = data.load_sources([FLAGS.mnist, FLAGS.svhn], "train", FLAGS.data_dir)
-    test_sources = data.load_sources([FLAGS.mnist, FLAGS.svhn], "test", FLAGS.data_dir)
+    train_sources = data.load_sources([specs[n] for n in used], "train", FLAGS.data_dir)
+    test_sources = data.load_sources([specs[n] for n in used], "test", FLAGS.data_dir)
   except (FileNotFoundError, ValueError, RuntimeError) as e:
     print(f"mnist_svhn.py: error: {e}", file=sys.stderr)
     sys.exit(2)
-  train_set = data.PairedDataset(train_sources, partners=FLAGS.partners, seed=FLAGS.seed)
-  test_set = data.PairedDataset(test_sources, partners=FLAGS.partners, seed=FLAGS.seed)
+  # A single-modality VAE visits its plain dataset (each instance once per epoch), as the
+  # official unimodal models do; pairs of two sources use --partners.
+  partners = FLAGS.partners if len(used) > 1 else 1
+  train_set = data.PairedDataset(train_sources, partners=partners, seed=FLAGS.seed)
+  test_set = data.PairedDataset(test_sources, partners=partners, seed=FLAGS.seed)
+  shapes = {n: s.image_shape for n, s in zip(used, train_sources)}
   model = model_lib.mnist_svhn(
       FLAGS.latent_dim, llik_scaling=FLAGS.llik_scaling, learn_prior=FLAGS.learn_prior,
-      decoder_impl=FLAGS.decoder_impl, mnist_shape=train_sources[0].image_shape,
-      svhn_shape=train_sources[1].image_shape)
+      decoder_impl=FLAGS.decoder_impl, mnist_shape=shapes.get("mnist", (28, 28, 1)),
+      svhn_shape=shapes.get("svhn", (32, 32, 3)))
+  if FLAGS.model == "mvae":
+    from mmvae_jax import mvae
+    model = mvae.MVAE(modalities=model.modalities, latent_dim=FLAGS.latent_dim)
+  elif FLAGS.model.startswith("vae_"):
+    from mmvae_jax import mvae
+    model = mvae.single_vae(model.modality(used[0]), FLAGS.latent_dim,
+                            learn_prior=FLAGS.learn_prior)
 
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  run_info = {"config": dataclasses.asdict(config),
-              "sources": {"mnist": FLAGS.mnist, "svhn": FLAGS.svhn, "data_dir": FLAGS.data_dir},
+  run_info = {"model": FLAGS.model, "config": dataclasses.asdict(config),
+              "sources": {**{n: specs[n] for n in used}, "data_dir": FLAGS.data_dir},
               "modalities": {m.name: {"shape": list(m.data_shape), "llik_scale": m.llik_scale}
                              for m in model.modalities},
               "train_pairs": len(train_set), "test_pairs": len(test_set),

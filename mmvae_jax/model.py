@@ -1,4 +1,5 @@
-"""The MMVAE: M >= 2 modalities, each an (encoder, decoder, likelihood, λ), one shared prior.
+"""The MMVAE: M modalities (M >= 2; M = 1 is a plain VAE), each an (encoder, decoder, likelihood,
+λ), one shared prior.
 
 The model object holds only configuration (flax modules and constants); parameters are a plain
 pytree ``{"encoders": {name: ...}, "decoders": {name: ...}, "prior": {"scale_logits": (D,)}}``
