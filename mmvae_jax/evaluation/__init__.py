@@ -1,4 +1,5 @@
-"""Evaluation of a trained MMVAE: the paper's Tables 1-3 and Figs 4-5 (spec §9).
+"""Evaluation of a trained MMVAE, MVAE or single-modality VAE: the paper's Tables 1-3 and
+Figs 4-5 (spec §9).
 
   from mmvae_jax import evaluation as ev
   clf = {"mnist": ev.classifiers.for_source(mnist_train, mnist_test), ...}
@@ -7,6 +8,11 @@
   ev.subset_coherence(model, params, test_set, clf, key=key)         # any subset → the rest
   ev.latent_probe(model, params, train_set, test_set, key=key)       # Table 1
   ev.log_likelihoods(model, params, test_set, key=key, num_samples=1000)   # Table 3
+
+Every function takes an `MMVAE` (mixture of experts; a single-modality VAE is one with M = 1)
+or an `MVAE` (product of experts), duck-typed: a model with ``posterior(params, observed)`` is
+evaluated with its product-of-experts posteriors (probe, likelihood proposals, cross generation,
+figures), any other with its experts and their mixture (`common.subset_posterior`).
 
 Modules: `classifiers` (digit classifiers with a checksummed cache), `coherence`, `probe`,
 `likelihood` (chunked importance sampling), `figures` (PNG), `common` (subsets, batches).

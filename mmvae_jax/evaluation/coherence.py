@@ -10,6 +10,12 @@
 * Joint coherence: `num` (10,000) prior samples decoded in every modality; the % where all the
   predicted digits agree.
 
+For an MVAE (product of experts) the same functions decode samples of its posterior of the
+observed modalities, the product of the prior expert and their experts: cross coherence through
+`MVAE.reconstruct` (recon[e][d] decodes z ~ q(z | x_e) = PoE(prior, expert e)), subset coherence
+through `MVAE.cross_generate` (z ~ q(z | x_S)), joint coherence through `MVAE.generate` (its
+N(0, I) prior).
+
 All accuracies are percentages. Classifiers are `mmvae_jax.evaluation.classifiers.Classifier`
 objects keyed by modality name.
 """
@@ -64,7 +70,7 @@ def cross_coherence(model, params, dataset, classifiers: Mapping[str, Classifier
   """Cross coherence for every ordered pair of modalities (K = 1, decoder means).
 
   Args:
-    model: an `MMVAE`.
+    model: an `MMVAE` or `MVAE` (module docstring).
     params: its parameters.
     dataset: a `PairedDataset` (the test pairs); labels are the pairs' labels.
     classifiers: {modality name: Classifier} for every modality.

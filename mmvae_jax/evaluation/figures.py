@@ -10,6 +10,10 @@
 * `kl_statistics` / `kl_boxplot`: per-dimension KL(q_m(z | x_m) || p(z)) over test data for
   every modality, and the symmetric KL 0.5 (KL(q_a || q_b) + KL(q_b || q_a)) between every pair of
   posteriors (Fig. 5 right).
+
+For a product-of-experts model (the MVAE) "q_m(z | x_m)" is its posterior of modality m alone,
+``model.posterior(params, {m: x_m})`` (the product of the prior expert and expert m), as used by
+its cross generations; for the MMVAE it is expert m itself.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import numpy as np
 
 from mmvae_jax import distributions as dists
 from mmvae_jax import visualize
+from mmvae_jax.evaluation.common import subset_posterior
 
 
 def _matplotlib():
@@ -86,7 +91,7 @@ def latent_traversals(model, params, x: Sequence[np.ndarray], path: str | None =
   decode = jax.jit(model.decode)
   images, means = {}, {}
   for name, xm in zip(names, x):
-    q = model.encode_one(params, name, jnp.asarray(xm[:1]))
+    q = subset_posterior(model, params, {name: jnp.asarray(xm[:1])})
     mu = q.mean()[0]
     means[name] = np.asarray(mu)
     out = decode(params, traversal_latents(mu, std, steps, span))
@@ -162,7 +167,7 @@ def kl_statistics(model, params, xs: Sequence[np.ndarray], key: jax.Array | None
   """
   @jax.jit
   def fn(params, xs):
-    qs = model.encode(params, xs)
+    qs = [subset_posterior(model, params, {n: x}) for n, x in zip(model.names, xs)]
     p = model.prior(params)
     prior = {n: per_dim_kl(q, p, key) for n, q in zip(model.names, qs)}
     sym = {}

@@ -1,0 +1,523 @@
+"""Evaluation of the baselines: MVAE (product of experts) and single-modality VAEs.
+
+* the latent probe samples the MVAE's product-of-experts posteriors ("MVAE (single)": prior
+  expert × expert m; "MVAE (both)": prior × every expert), not its bare experts;
+* the MVAE's Table 3 estimates use PoE proposals (checked against a direct computation on the
+  same samples);
+* experiments/evaluate.py rebuilds each model kind of run.json (and restores its checkpoint);
+* ``--compare`` combines evaluated workdirs into one table per paper table.
+
+Tiny models and synthetic data only.
+"""
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmvae_jax import data, loss
+from mmvae_jax.evaluation import common, likelihood, probe
+from mmvae_jax.model import MMVAE, Modality
+from mmvae_jax.mvae import MVAE, single_vae
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVALUATE = os.path.join(REPO, "experiments", "evaluate.py")
+NC = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# A toy whose bare experts are useless to a linear probe but whose PoE posteriors are perfect.
+#
+# Expert m reads the digit off row 0 of its image: loc = 10·one-hot(digit), with scale 0.01 on
+# the digit's dimension and 100 on every other one. Bare-expert samples bury the signal (10) under
+# N(0, 100²) noise in nine dimensions; in the product with the N(0, I) prior expert those
+# dimensions become N(0, ~1) while the digit's stays at ~10, so a linear probe reads it off.
+
+
+class RowEncoder(nn.Module):
+  """x (B, 2, 10, C) -> (10·row, 2·row − 1): the pre-activation is > 0 on the digit only."""
+
+  @nn.compact
+  def __call__(self, x):
+    self.param("unused", nn.initializers.zeros, ())
+    row = jnp.mean(x[:, 0, :, :], axis=-1)
+    return 10.0 * row, 2.0 * row - 1.0
+
+
+class RowDecoder(nn.Module):
+  channels: int
+
+  @nn.compact
+  def __call__(self, z):
+    self.param("unused", nn.initializers.zeros, ())
+    row = jax.nn.softmax(z, axis=-1)
+    img = jnp.stack([row, jnp.zeros_like(row)], axis=-2)
+    return jnp.repeat(img[..., None], self.channels, axis=-1)
+
+
+def toy_scale(pre):
+  return jnp.where(pre > 0, 0.01, 100.0)
+
+
+CHANNELS = (1, 3)
+
+
+def toy_modalities():
+  return tuple(Modality(name=f"m{i}", encoder=RowEncoder(), decoder=RowDecoder(c),
+                        data_shape=(2, NC, c), posterior_family="normal", posterior_scale=toy_scale)
+               for i, c in enumerate(CHANNELS))
+
+
+def toy_dataset(n, seed):
+  rng = np.random.default_rng(seed)
+  srcs = []
+  for i, c in enumerate(CHANNELS):
+    digits = rng.integers(0, NC, size=n)
+    img = np.zeros((n, 2, NC, c), np.float32)
+    img[np.arange(n), 0, digits, :] = 1.0
+    img += rng.uniform(0, 0.05, size=img.shape).astype(np.float32)
+    srcs.append(data.source_from_arrays(np.clip(img, 0, 1), digits, f"m{i}"))
+  return data.PairedDataset(srcs, partners=1, seed=seed)
+
+
+def test_probe_uses_the_product_of_experts_for_an_mvae():
+  mvae = MVAE(modalities=toy_modalities(), latent_dim=NC, expert_scale="modality")
+  bare = MMVAE(modalities=toy_modalities(), latent_dim=NC, prior_family="normal")  # q_m itself
+  train, test = toy_dataset(800, 1), toy_dataset(400, 2)
+  kw = dict(key=jax.random.key(0), epochs=2, batch_size=64, lr=5e-2)
+  out = probe.latent_probe(mvae, mvae.init(jax.random.key(0)), train, test, **kw)
+  ref = probe.latent_probe(bare, bare.init(jax.random.key(0)), train, test, **kw)
+  assert out["posterior"] == "poe" and ref["posterior"] == "expert"
+  assert set(out["accuracy_joint"]) == {"m0", "m1"} and "accuracy_joint" not in ref
+  for n in ("m0", "m1"):
+    assert out["accuracy"][n] >= 97.0, out          # MVAE (single): PoE of prior and q_m
+    assert out["accuracy_joint"][n] >= 97.0, out    # MVAE (both): PoE of prior, q_0, q_1
+    assert ref["accuracy"][n] <= 30.0, ref          # the bare expert: noise of scale 100
+
+
+def test_probe_samples_have_the_poe_statistics():
+  """The probe's latents for an MVAE are samples of model.posterior (mean, std, per view)."""
+  mvae = MVAE(modalities=toy_modalities(), latent_dim=NC, expert_scale="modality")
+  params = mvae.init(jax.random.key(0))
+  xs, _ = toy_dataset(50, 0).gather(np.zeros(20000, np.int64))  # one pair, repeated
+  xs = tuple(jnp.asarray(x) for x in xs)
+  views = probe.probe_views(mvae)
+  assert views == [("m0", ("m0",)), ("m1", ("m1",)), ("m0@joint", ("m0", "m1")),
+                   ("m1@joint", ("m0", "m1"))]
+  zs = jax.jit(lambda p, x, k: probe._sample(mvae, p, x, k, views))(  # pylint: disable=protected-access
+      params, xs, jax.random.key(3))
+  for (_, observed), z in zip(views, zs):
+    q = mvae.posterior(params, {n: xs[int(n[1])] for n in observed})
+    np.testing.assert_allclose(np.mean(z, 0), q.loc[0], atol=0.05)
+    np.testing.assert_allclose(np.std(z, 0), q.scale[0], rtol=0.05)
+  # The single view is the product with the prior expert, not the bare expert (scale 100).
+  assert float(np.max(np.std(zs[0], 0))) < 1.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Likelihoods with PoE proposals.
+
+
+class TinyEncoder(nn.Module):
+  latent_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(16)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(self.latent_dim)(h), nn.Dense(self.latent_dim)(h)
+
+
+class TinyDecoder(nn.Module):
+  shape: tuple
+
+  @nn.compact
+  def __call__(self, z):
+    out = nn.sigmoid(nn.Dense(int(np.prod(self.shape)))(nn.relu(nn.Dense(16)(z))))
+    return out.reshape(z.shape[:-1] + tuple(self.shape))
+
+
+TINY_SHAPES = ((4, 4, 1), (4, 4, 3))
+LLIK_K = 10
+
+
+def tiny_modalities(latent_dim=3):
+  return tuple(Modality(name=f"m{i}", encoder=TinyEncoder(latent_dim), decoder=TinyDecoder(s),
+                        data_shape=s, llik_scale=float(np.prod(TINY_SHAPES[1]) / np.prod(s)))
+               for i, s in enumerate(TINY_SHAPES))
+
+
+def tiny_xs(b=5, seed=0):
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.uniform(0, 1, size=(b,) + s).astype(np.float32))
+               for s in TINY_SHAPES)
+
+
+@functools.lru_cache(maxsize=None)
+def _mvae_llik(chunk_size):
+  model = MVAE(modalities=tiny_modalities(), latent_dim=3)
+  params = model.init(jax.random.key(0))
+  fn = jax.jit(functools.partial(likelihood.batch_log_likelihoods, model, num_samples=LLIK_K,
+                                 chunk_size=chunk_size))
+  return model, params, jax.device_get(fn(params, tiny_xs(), jax.random.key(4)))
+
+
+def test_mvae_likelihoods_use_poe_proposals():
+  """Chunks of 3 (the last one masked) against the unchunked formulas on the same samples."""
+  model, params, out = _mvae_llik(3)
+  xs = tiny_xs()
+  names = model.names
+
+  @jax.jit
+  def direct(params, xs, key):
+    """The estimates written out, on the samples batch_log_likelihoods draws (unchunked)."""
+    # The proposals: q(z | x_0), q(z | x_1), then the joint q(z | x_0, x_1), all PoE with the prior.
+    qs = [model.posterior(params, {n: x}) for n, x in zip(names, xs)]
+    qs.append(model.posterior(params, dict(zip(names, xs))))
+    z = likelihood.sample_indexed(qs, key, jnp.arange(LLIK_K))  # (3, K, B, D)
+    ll = model.log_likelihoods(params, xs, z, weighted=False)  # (M_d, 3, K, B)
+    lp = jnp.sum(model.prior(params).log_prob(z), -1)
+    lq = jnp.stack([jnp.sum(q.log_prob(z[j]), -1) for j, q in enumerate(qs)])
+    lam = jnp.asarray([m.llik_scale for m in model.modalities])
+    joint = lp[2] - lq[2]
+    return {
+        "joint_weighted": loss.log_mean_exp(joint + jnp.einsum("d,d...->...", lam, ll[:, 2]), 0),
+        "joint_unweighted": loss.log_mean_exp(joint + ll[:, 2].sum(0), 0),
+        "given_all": jnp.stack([loss.log_mean_exp(ll[d, 2] + joint, 0) for d in range(2)]),
+        "given_one": jnp.stack([jnp.stack([loss.log_mean_exp(ll[d, e] + lp[e] - lq[e], 0)
+                                           for e in range(2)]) for d in range(2)]),
+    }
+
+  ref = direct(params, xs, jax.random.key(4))
+  for k, v in ref.items():
+    np.testing.assert_allclose(out[k], v, rtol=1e-5, err_msg=k)
+  # The single proposals are PoEs with the prior expert, not the bare experts.
+  q0, bare = model.posterior(params, {"m0": xs[0]}), model.encode_one(params, "m0", xs[0])
+  assert not np.allclose(q0.scale, bare.scale)
+  np.testing.assert_allclose(1 / q0.scale ** 2, 1 + 1 / bare.scale ** 2, rtol=1e-5)
+
+
+def test_likelihoods_over_a_dataset_for_mvae_and_single_vae():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, size=20)
+  srcs = [data.source_from_arrays(rng.uniform(0, 1, (20,) + s).astype(np.float32), labels, f"m{i}")
+          for i, s in enumerate(TINY_SHAPES)]
+  model = MVAE(modalities=tiny_modalities(), latent_dim=3)
+  out = likelihood.log_likelihoods(model, model.init(jax.random.key(0)),
+                                   data.PairedDataset(srcs, partners=1), key=jax.random.key(0),
+                                   num_samples=4, chunk_size=3, batch_size=8, num=12)
+  assert out["proposal"] == "poe" and "product of experts" in out["convention"]
+  assert out["num"] == 12 and len(out["conditional"]) == 6
+  assert all(np.isfinite(v) for v in out["conditional"].values())
+  # A single-modality VAE: every estimate is the IWAE estimate of log p(x).
+  vae = single_vae(tiny_modalities()[1], 3)
+  out = likelihood.log_likelihoods(vae, vae.init(jax.random.key(0)),
+                                   data.PairedDataset(srcs[1:], partners=1), key=jax.random.key(0),
+                                   num_samples=4, chunk_size=3, batch_size=8, num=12)
+  assert out["proposal"] == "moe" and set(out["conditional"]) == {"log p(m1|m1)"}
+  assert out["joint_unweighted"] == pytest.approx(out["conditional"]["log p(m1|m1)"], rel=1e-5)
+
+
+def test_subset_posterior_duck_typing():
+  mods = tiny_modalities()
+  xs = dict(zip(("m0", "m1"), tiny_xs()))
+  mvae = MVAE(modalities=mods, latent_dim=3)
+  mmvae = MMVAE(modalities=mods, latent_dim=3)
+  p1, p2 = mvae.init(jax.random.key(0)), mmvae.init(jax.random.key(0))
+  assert common.has_product_posterior(mvae) and not common.has_product_posterior(mmvae)
+  q = common.subset_posterior(mvae, p1, xs)
+  np.testing.assert_allclose(q.loc, mvae.posterior(p1, xs).loc)
+  q = common.subset_posterior(mmvae, p2, {"m1": xs["m1"]})
+  np.testing.assert_allclose(q.loc, mmvae.encode_one(p2, "m1", xs["m1"]).loc)
+  with pytest.raises(ValueError, match="mixture"):
+    common.subset_posterior(mmvae, p2, xs)
+
+
+# ---------------------------------------------------------------------------------------------
+# experiments/evaluate.py: rebuilding each model kind.
+
+FAKE_NETWORKS = """
+import types
+import flax.linen as nn, numpy as np
+
+class Enc(nn.Module):
+  latent_dim: int = 20
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(8)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(self.latent_dim)(h), nn.Dense(self.latent_dim)(h)
+
+def dec(shape):
+  class Dec(nn.Module):
+    latent_dim: int = 20
+    impl: str = "auto"
+    @nn.compact
+    def __call__(self, z):
+      out = nn.sigmoid(nn.Dense(int(np.prod(shape)))(z))
+      return out.reshape(z.shape[:-1] + shape)
+  return Dec
+
+networks = types.ModuleType("mmvae_jax.networks")
+networks.MnistEncoder = networks.SvhnEncoder = Enc
+networks.MnistDecoder, networks.SvhnDecoder = dec((28, 28, 1)), dec((32, 32, 3))
+"""
+
+
+@pytest.fixture(scope="module")
+def evaluate_module():
+  """experiments/evaluate.py imported once (it defines absl flags)."""
+  spec = importlib.util.spec_from_file_location("evaluate_under_test", EVALUATE)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.fixture
+def fake_networks(monkeypatch):
+  import mmvae_jax
+  ns = {}
+  exec(FAKE_NETWORKS, ns)  # pylint: disable=exec-used
+  monkeypatch.setitem(sys.modules, "mmvae_jax.networks", ns["networks"])
+  monkeypatch.setattr(mmvae_jax, "networks", ns["networks"], raising=False)
+
+
+def _trained_like_mnist_svhn_py(kind, latent_dim=4, learn_prior=False):
+  """The model experiments/mnist_svhn.py builds for --model=kind (same construction)."""
+  from mmvae_jax import model as model_lib, mvae
+  used = {"vae_mnist": ["mnist"], "vae_svhn": ["svhn"]}.get(kind, ["mnist", "svhn"])
+  model = model_lib.mnist_svhn(latent_dim, llik_scaling=0.0, learn_prior=learn_prior)
+  if kind == "mvae":
+    model = mvae.MVAE(modalities=model.modalities, latent_dim=latent_dim)
+  elif kind.startswith("vae_"):
+    model = mvae.single_vae(model.modality(used[0]), latent_dim, learn_prior=learn_prior)
+  return used, model
+
+
+def _run_json(kind, model, used, config):
+  run = {"config": dataclasses.asdict(config),
+         "sources": {**{n: f"{n}.npz" for n in used}, "data_dir": None},
+         "modalities": {m.name: {"shape": list(m.data_shape), "llik_scale": m.llik_scale}
+                        for m in model.modalities}}
+  if kind != "legacy":
+    run["model"] = kind
+  return run
+
+
+@pytest.mark.parametrize("kind", ["legacy", "mmvae", "mvae", "vae_mnist", "vae_svhn"])
+def test_evaluate_rebuilds_each_model_kind(kind, evaluate_module, fake_networks, tmp_path):
+  from mmvae_jax import train
+  ev = evaluate_module
+  config = train.TrainConfig(k=2, batch_size=8, latent_dim=4, learn_prior=False, seed=1)
+  used, trained = _trained_like_mnist_svhn_py("mmvae" if kind == "legacy" else kind)
+  run = _run_json(kind, trained, used, config)
+  got_kind, model = ev.build_model(run, {n: tuple(run["modalities"][n]["shape"]) for n in used})
+  assert got_kind == ("mmvae" if kind == "legacy" else kind)  # absent "model" is the MMVAE
+  assert type(model) is type(trained) and model.names == tuple(used)
+  assert model.latent_dim == 4
+  for a, b in zip(model.modalities, trained.modalities):
+    assert (a.name, a.data_shape, a.llik_scale) == (b.name, b.data_shape, b.llik_scale)
+  if kind in ("legacy", "mmvae", "mvae"):
+    assert model.modality("mnist").llik_scale == pytest.approx(3072 / 784)
+  else:
+    assert model.modalities[0].llik_scale == 1.0 and model.learn_prior is False
+  # Same parameter tree, and the checkpoint of the trained construction restores into it.
+  same = jax.tree.structure(model.init(jax.random.key(0)))
+  assert same == jax.tree.structure(trained.init(jax.random.key(0)))
+  wd = tmp_path / "run"
+  ckpt = train.Checkpointer(str(wd))
+  state = train.init_state(trained, train.make_optimizer(config), jax.random.key(7))
+  ckpt.save(state, {"epoch": 1, "step_in_epoch": 0})
+  ckpt.close()
+  params, step, extra = ev.restore_params(model, run, str(wd), -1)
+  assert step == 0 and extra["epoch"] == 1
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_evaluate_rejects_unknown_model(evaluate_module):
+  with pytest.raises(ValueError, match="unknown model 'poe'"):
+    evaluate_module.build_model({"model": "poe", "config": {}})
+
+
+# ---------------------------------------------------------------------------------------------
+# experiments/evaluate.py --compare.
+
+STANDIN = {"mnist": {"spec": "mnist.npz", "name": "mnist", "genuine": True, "label": "MNIST"},
+           "svhn": {"spec": "usps_colour.npz", "name": "usps_colour", "genuine": False,
+                    "label": "usps_colour (stand-in for SVHN)"}}
+
+
+def _results(kind, acc, acc_joint=None, coherence=None, llik=None, slots=("mnist", "svhn")):
+  res = {"model": kind, "sources": {s: STANDIN[s] for s in slots},
+         "table1_probe": {"accuracy": acc, "epochs": 1, "num_train": 10, "num_test": 10}}
+  if acc_joint:
+    res["table1_probe"]["accuracy_joint"] = acc_joint
+  if coherence:
+    res["table2_coherence"] = {"cross": {"cross": {"mnist→svhn": coherence[1],
+                                                   "svhn→mnist": coherence[2]}},
+                               "joint": {"joint": coherence[0]}}
+  if llik:
+    res["table3_likelihoods"] = {"num_samples": 8, **llik}
+  return res
+
+
+def _llik(base):
+  return {"joint_weighted": base, "joint_unweighted": base + 1,
+          "conditional": {"log p(mnist|mnist,svhn)": base + 2, "log p(svhn|mnist,svhn)": base + 3,
+                          "log p(mnist|mnist)": base + 4, "log p(svhn|svhn)": base + 5,
+                          "log p(mnist|svhn)": base + 6, "log p(svhn|mnist)": base + 7}}
+
+
+def _fake_workdirs(tmp_path):
+  wds = {}
+  contents = {
+      "a_mmvae": {k: v for k, v in _results("mmvae", {"mnist": 81.25, "svhn": 61.5},
+                                            coherence=(31.5, 71.5, 51.5),
+                                            llik=_llik(-1000.0)).items() if k != "model"},
+      "b_mvae": _results("mvae", {"mnist": 82.25, "svhn": 12.5}, {"mnist": 83.25, "svhn": 84.25},
+                         coherence=(11.5, 12.25, 13.25), llik=_llik(-2000.0)),
+      "c_vae": _results("vae_mnist", {"mnist": 77.75}, slots=("mnist",),
+                        llik={"joint_weighted": -5.0, "joint_unweighted": -5.0,
+                              "conditional": {"log p(mnist|mnist)": -555.5}}),
+  }
+  for name, res in contents.items():
+    wd = tmp_path / name
+    wd.mkdir()
+    (wd / "results.json").write_text(json.dumps(res))
+    wds[name] = wd
+  (wds["a_mmvae"] / "run.json").write_text(json.dumps({"config": {}}))  # no "model": mmvae
+  return wds
+
+
+def _evaluate(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run([sys.executable, EVALUATE, *args], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_comparison_table_rows(tmp_path, evaluate_module):
+  wds = _fake_workdirs(tmp_path)
+  entries = [(str(wd), json.loads((wd / "results.json").read_text())) for wd in wds.values()]
+  comp = evaluate_module.comparison_table(entries)
+  t1 = {r["model"]: r for r in comp["table1"]}
+  assert list(t1) == ["MMVAE", "MVAE (single)", "MVAE (both)", "single-VAE"]
+  assert t1["MMVAE"]["ours"] == {"mnist": 81.25, "svhn": 61.5}
+  assert t1["MVAE (single)"]["ours"] == {"mnist": 82.25, "svhn": 12.5}
+  assert t1["MVAE (both)"]["ours"] == {"mnist": 83.25, "svhn": 84.25}
+  assert t1["MVAE (both)"]["paper"] == {"mnist": 94.9, "svhn": 90.1}
+  assert t1["single-VAE"]["ours"] == {"mnist": 77.75, "svhn": None}
+  assert t1["single-VAE"]["paper"] == {"mnist": 85.3, "svhn": 20.7}
+  t2 = {r["model"]: r for r in comp["table2"]}
+  assert t2["MVAE"]["ours"] == {"joint": 11.5, "mnist→svhn": 12.25, "svhn→mnist": 13.25}
+  assert t2["MVAE"]["paper"] == {"joint": 12.7, "mnist→svhn": 9.5, "svhn→mnist": 9.3}
+  t3 = {(r["m"], r["model"]): r for r in comp["table3"]}
+  assert t3[("mnist", "MVAE")]["ours"] == [-2000.0, -1998.0, -1996.0, -1994.0]
+  assert t3[("svhn", "MVAE")]["paper"] == [None, 3395.12, 3536.86, -12747.50]
+  assert t3[("mnist", "single-VAE")]["ours"] == [None, None, -555.5, None]
+  assert ("svhn", "single-VAE") not in t3  # no SVHN single-VAE among the runs
+  assert comp["stand_ins"] == {"svhn": ["usps_colour"]} and "NOT SVHN" in comp["notice"]
+  json.dumps(comp)
+
+
+def test_compare_command_prints_rows_and_fails_on_missing_results(tmp_path):
+  wds = _fake_workdirs(tmp_path)
+  res = _evaluate(f"--workdir={wds['a_mmvae']}",
+                  f"--compare={wds['b_mvae']},{wds['c_vae']}", "--parts=none")
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = res.stdout
+  for text in ("Table 1 (comparison)", "Table 2 (comparison)", "Table 3 (comparison)",
+               "MVAE (single)", "MVAE (both)", "single-VAE", "83.25", "95.7", "85.3", "77.75",
+               "12.7", "11.50", "-176.68", "-1996.00", "-555.50", "NOT SVHN", "b_mvae", "c_vae"):
+    assert text in out, text
+  comp = json.loads((wds["a_mmvae"] / "results.json").read_text())["comparison"]
+  assert [r["model"] for r in comp["table1"]] == ["MMVAE", "MVAE (single)", "MVAE (both)",
+                                                  "single-VAE"]
+  assert [r["model"] for r in comp["runs"]] == ["mmvae", "mvae", "vae_mnist"]
+  # A compared workdir without results.json: one line, before any evaluation.
+  res = _evaluate(f"--workdir={wds['a_mmvae']}", f"--compare={wds['b_mvae']},{tmp_path / 'none'}",
+                  "--parts=none")
+  assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+  assert "results.json not found" in res.stderr and "none" in res.stderr
+  res = _evaluate(f"--workdir={wds['a_mmvae']}", "--parts=none")
+  assert res.returncode == 2 and "--compare" in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole command on untrained checkpoints of every kind (slow: run with --runslow).
+
+RUN_WITH_FAKE_NETWORKS = FAKE_NETWORKS + """
+import runpy, sys
+sys.modules["mmvae_jax.networks"] = networks
+import mmvae_jax
+mmvae_jax.networks = networks
+script = sys.argv[1]
+sys.argv = [script] + sys.argv[2:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def _npz(path, shape, n_train, n_test, seed):
+  rng = np.random.default_rng(seed)
+  np.savez(path, x_train=rng.integers(0, 256, (n_train,) + shape, dtype=np.uint8),
+           y_train=np.arange(n_train) % NC, x_test=rng.integers(0, 256, (n_test,) + shape,
+                                                                 dtype=np.uint8),
+           y_test=np.arange(n_test) % NC)
+
+
+@pytest.mark.slow
+def test_evaluate_command_for_every_model_kind(tmp_path, fake_networks):
+  from mmvae_jax import train
+  _npz(tmp_path / "mnist.npz", (28, 28), 60, 40, 0)
+  _npz(tmp_path / "usps_colour.npz", (32, 32, 3), 60, 40, 1)
+  config = train.TrainConfig(k=2, batch_size=8, latent_dim=4, partners=1, seed=1,
+                             learn_prior=False)
+  wds = {}
+  for kind in ("mvae", "vae_mnist", "vae_svhn"):
+    used, model = _trained_like_mnist_svhn_py(kind)
+    wd = tmp_path / kind
+    ckpt = train.Checkpointer(str(wd))
+    ckpt.save(train.init_state(model, train.make_optimizer(config), jax.random.key(0)),
+              {"epoch": 0, "step_in_epoch": 0})
+    ckpt.close()
+    run = _run_json(kind, model, used, config)
+    run["sources"] = {**{n: str(tmp_path / ("mnist.npz" if n == "mnist" else "usps_colour.npz"))
+                         for n in used}, "data_dir": None}
+    (wd / "run.json").write_text(json.dumps(run))
+    wds[kind] = wd
+  wrapper = tmp_path / "wrapper.py"
+  wrapper.write_text(RUN_WITH_FAKE_NETWORKS)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  common_flags = ["--num_test=16", "--probe_num_train=16", "--llik_k=4", "--llik_num=4",
+                  "--llik_chunk=3", "--kl_num=8", "--traversal_steps=3", "--batch_size=8"]
+
+  def evaluate(wd, *args):
+    res = subprocess.run([sys.executable, str(wrapper), EVALUATE, f"--workdir={wd}",
+                          *common_flags, *args], env=env, cwd=REPO, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout, json.loads((wd / "results.json").read_text())
+
+  for kind in ("vae_mnist", "vae_svhn"):
+    out, res = evaluate(wds[kind])
+    slot = kind[4:]
+    assert "skipping classifiers, coherence" in out and "single-VAE ours" in out
+    assert res["model"] == kind and set(res["table1_probe"]["accuracy"]) == {slot}
+    assert set(res["table3_likelihoods"]["conditional"]) == {f"log p({slot}|{slot})"}
+    assert "table2_coherence" not in res and "classifiers" not in res
+    assert (wds[kind] / "eval_kl.png").exists()
+  out, res = evaluate(wds["mvae"], "--parts=probe,likelihood,figures",
+                      f"--compare={wds['vae_mnist']},{wds['vae_svhn']}")
+  assert res["model"] == "mvae" and res["table1_probe"]["posterior"] == "poe"
+  assert set(res["table1_probe"]["accuracy_joint"]) == {"mnist", "svhn"}
+  assert res["table3_likelihoods"]["proposal"] == "poe"
+  assert "MVAE (single) ours" in out and "paper MVAE" not in out  # no coherence part run
+  assert "Table 1 (comparison)" in out and "NOT SVHN" in out
+  assert [r["model"] for r in res["comparison"]["table1"]] == ["MVAE (single)", "MVAE (both)",
+                                                               "single-VAE"]
