@@ -90,7 +90,7 @@ def _worker_decoder(args):
 
   def loss(params, z, x):
     mean = dec.apply({"params": params}, z)
-    return jnp.sum(jnp.abs(x - mean) / 0.75)  # Laplace(mean, 0.75) negative log-density, up to a constant
+    return jnp.sum(jnp.abs(x - mean) / 0.75)  # −log Laplace(x; mean, 0.75) + const
 
   return _timed(jax.value_and_grad(loss, argnums=(0, 1)), (params, z, x), args.repeats)
 
@@ -136,7 +136,8 @@ def _worker_step(args):
       "svhn": (nets.SvhnEncoder(d), nets.SvhnDecoder(d, chunk_size=args.chunk_size), (32, 32, 3)),
   }
   keys = jax.random.split(jax.random.PRNGKey(0), 8)
-  xs = {m: jax.random.uniform(keys[i], (b,) + shp) for i, (m, (_, _, shp)) in enumerate(mods.items())}
+  xs = {m: jax.random.uniform(keys[i], (b,) + shp)
+        for i, (m, (_, _, shp)) in enumerate(mods.items())}
   params = {}
   for i, (m, (enc, dec, shp)) in enumerate(mods.items()):
     params[m] = {"enc": enc.init(keys[2 + i], xs[m][:1])["params"],
@@ -169,7 +170,8 @@ def _run_worker(argv):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--json", action="store_true", help="print the JSON object only")
   p.add_argument("--impl", default="conv,matmul",
                  help="comma list of SvhnDecoder impls for the whole-decoder timing")

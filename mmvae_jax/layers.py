@@ -14,10 +14,11 @@ so a parameter subtree ``{"kernel", "bias"}`` can be applied by ``nn.ConvTranspo
 ``kernel[a, b, i, o] == w_torch[i, o, kh-1-a, kw-1-b]``; to load a PyTorch weight ``w`` of shape
 ``(C_in, C_out, kh, kw)`` use ``w.transpose(2, 3, 0, 1)[::-1, ::-1]``.
 
-Formulations (all give the same numbers up to float rounding):
+Formulations (all give the same numbers up to float rounding, and share one parameter tree):
 
 * ``"conv"``: ``lax.conv_transpose`` (an XLA convolution). The fast path on GPU/TPU; on XLA:CPU
-  strided transposed convolutions are slow (about 6-8x slower than the matmul forms below).
+  strided transposed convolutions are slow (5-15x slower than the matmul forms, see
+  benchmarks/decoder.py).
 * ``"window"`` (sub-pixel / phase form, k=4, s=2, p=1 only): every 2×2 block of output pixels
   depends on one 2×2 window of the input padded by 1. Windows are built by concatenating four
   shifted slices (features 4·C_in, grid (H+1)×(W+1)), multiplied by a (4·C_in, 4·C_out) matrix
@@ -26,10 +27,17 @@ Formulations (all give the same numbers up to float rounding):
   then an overlap-add of four shifted slices, depth-to-space and crop. Exact FLOPs and a small
   input expansion; good when C_out is small or the input grid is small.
 * A stride-1, padding-0 transposed convolution of a 1×1 input is a plain matmul
-  (``conv_transpose_from_1x1``); it is used for both matmul variants.
+  (``conv_transpose_from_1x1``); it is used for every matmul variant.
+
+The window and col2im forms are adjoints of each other, and each one's backward pass is written
+by hand (``jax.custom_vjp``) in terms of the other: XLA:CPU's automatic transposes of the slices
+and concatenations materialise zero-padded partial sums (several full-size buffers per layer,
+≈2x slower). Consequence: the matmul forms support reverse-mode differentiation (grad, vjp,
+vmap of either) but not forward mode (jvp, jacfwd); use ``"conv"`` for those.
 
 ``"matmul"`` picks ``"col2im"`` or ``"window"`` per layer (see ``choose_matmul_variant``) and
-``"auto"`` resolves to ``"matmul"`` on the CPU backend and ``"conv"`` elsewhere.
+``"auto"`` resolves to ``"matmul"`` on the CPU backend and ``"conv"`` elsewhere. Other layer
+configurations (other k, s, p) always use ``lax.conv_transpose``.
 """
 from __future__ import annotations
 
@@ -263,7 +271,8 @@ def _window_matmul_bwd(res, g):
   gy = _pad_space_to_depth(g)  # (N, H+1, W+1, 4·C_out)
   gcols = jnp.dot(gy, wm.T)  # (N, H+1, W+1, 4·C_in)
   # Input pixel i is padded pixel i+1, covered by window i+1−dy at offset dy.
-  gx = sum(gcols[:, 1 - dy:1 - dy + h, 1 - dx:1 - dx + w, (2 * dy + dx) * c_in:(2 * dy + dx + 1) * c_in]
+  gx = sum(gcols[:, 1 - dy:1 - dy + h, 1 - dx:1 - dx + w,
+                 (2 * dy + dx) * c_in:(2 * dy + dx + 1) * c_in]
            for dy in (0, 1) for dx in (0, 1))
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   return gx, _weight_grad(_windows_2x2(xp), gy)
@@ -378,7 +387,7 @@ def conv_transpose(x: Array, kernel: Array, bias: Array, *, stride: int, padding
   chex.assert_shape(x, (None, None, None, c_in))
   chex.assert_shape(bias, (c_out,))
   impl = resolve_impl(impl)
-  n, h, w, _ = x.shape
+  h, w = x.shape[1:3]
   if impl != "conv":
     if h == 1 and w == 1 and padding == 0:
       return conv_transpose_from_1x1(x, kernel, bias)
