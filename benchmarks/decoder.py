@@ -3,6 +3,7 @@
   python benchmarks/decoder.py --json                      # conv vs matmul, N = 7680 latents
   python benchmarks/decoder.py --json --impl matmul --n 3840 --repeats 5
   python benchmarks/decoder.py --json --step               # + an MMVAE-like training step
+  python benchmarks/decoder.py --json --remat activations  # SvhnDecoder.remat / chunk_size
 
 Prints one JSON object:
   decoder[impl]:  whole SvhnDecoder on (N, D) latents, value_and_grad of a Laplace-like loss
@@ -83,7 +84,8 @@ def _worker_decoder(args):
   import jax
   import jax.numpy as jnp
   from mmvae_jax.networks import SvhnDecoder
-  dec = SvhnDecoder(latent_dim=args.latent_dim, impl=args.impl, chunk_size=args.chunk_size)
+  dec = SvhnDecoder(latent_dim=args.latent_dim, impl=args.impl, chunk_size=args.chunk_size,
+                    remat=args.remat)
   z = jax.random.normal(jax.random.PRNGKey(1), (args.n, args.latent_dim))
   x = jax.random.uniform(jax.random.PRNGKey(2), (args.n, 32, 32, 3))
   params = dec.init(jax.random.PRNGKey(0), z[:1])["params"]
@@ -133,7 +135,8 @@ def _worker_step(args):
   d, k, b = args.latent_dim, args.k, args.b
   mods = {
       "mnist": (nets.MnistEncoder(d), nets.MnistDecoder(d), (28, 28, 1)),
-      "svhn": (nets.SvhnEncoder(d), nets.SvhnDecoder(d, chunk_size=args.chunk_size), (32, 32, 3)),
+      "svhn": (nets.SvhnEncoder(d),
+               nets.SvhnDecoder(d, chunk_size=args.chunk_size, remat=args.remat), (32, 32, 3)),
   }
   keys = jax.random.split(jax.random.PRNGKey(0), 8)
   xs = {m: jax.random.uniform(keys[i], (b,) + shp)
@@ -179,6 +182,7 @@ def main():
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--latent-dim", type=int, default=20)
   p.add_argument("--chunk-size", type=int, default=-1, help="SvhnDecoder.chunk_size")
+  p.add_argument("--remat", default="minimal", help="SvhnDecoder.remat (minimal, activations)")
   p.add_argument("--layer-variants", default=",".join(LAYER_VARIANTS),
                  help="comma list of per-layer variants (conv, window, col2im); empty: skip")
   p.add_argument("--step", action="store_true", help="also time a proxy MMVAE training step")
@@ -195,12 +199,12 @@ def main():
 
   import jax
   common = ["--n", str(args.n), "--repeats", str(args.repeats), "--latent-dim",
-            str(args.latent_dim), "--chunk-size", str(args.chunk_size)]
+            str(args.latent_dim), "--chunk-size", str(args.chunk_size), "--remat", args.remat]
   log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
   result = {
       "backend": jax.default_backend(), "jax": jax.__version__, "cpu_count": os.cpu_count(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "n": args.n, "latent_dim": args.latent_dim,
-      "chunk_size": args.chunk_size, "repeats": args.repeats,
+      "chunk_size": args.chunk_size, "remat": args.remat, "repeats": args.repeats,
       "load_avg_start": os.getloadavg()[0], "decoder": {}, "layers": {},
   }
   for impl in [s for s in args.impl.split(",") if s]:
