@@ -143,11 +143,13 @@ def test_mnist_decoder_clamps_mean():
   np.testing.assert_array_equal(mean[:, 1::2], np.float32(1e-6))
 
 
-def test_resolve_impl():
+def test_resolve_impl_and_bad_options():
   assert L.resolve_impl("auto") == ("matmul" if jax.default_backend() == "cpu" else "conv")
   assert L.resolve_impl("window") == "window"
   with pytest.raises(ValueError):
     L.resolve_impl("fft")
+  with pytest.raises(ValueError):
+    N.SvhnDecoder(D, remat="everything").init(KEY, jnp.zeros((1, D)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,11 +255,12 @@ def _decoder_case():
   return (params, z, target), _decoder_grads(_reference_svhn_decoder, target, params, z)
 
 
-@pytest.mark.parametrize("impl,chunk_size", [("matmul", -1), ("matmul", 5), ("window", 0),
-                                             ("col2im", 4), ("conv", -1), ("conv", 8)])
-def test_svhn_decoder_impls_match_reference(impl, chunk_size):
+@pytest.mark.parametrize("impl,chunk_size,remat", [
+    ("matmul", -1, "minimal"), ("matmul", 5, "activations"), ("window", 0, "minimal"),
+    ("col2im", 4, "activations"), ("conv", -1, "minimal"), ("conv", 8, "minimal")])
+def test_svhn_decoder_impls_match_reference(impl, chunk_size, remat):
   (params, z, target), (m_ref, g_ref) = _decoder_case()
-  module = N.SvhnDecoder(D, impl=impl, chunk_size=chunk_size)
+  module = N.SvhnDecoder(D, impl=impl, chunk_size=chunk_size, remat=remat)
   apply = lambda p, z: module.apply({"params": p}, z)
   m_got, g_got = _decoder_grads(apply, target, params, z)
   np.testing.assert_allclose(m_got, m_ref, **TOL)
