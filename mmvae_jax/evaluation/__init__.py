@@ -15,16 +15,17 @@ evaluated with its product-of-experts posteriors (probe, likelihood proposals, c
 figures), any other with its experts and their mixture (`common.subset_posterior`).
 
 Modules: `classifiers` (digit classifiers with a checksummed cache), `coherence`, `probe`,
-`likelihood` (chunked importance sampling), `figures` (PNG), `common` (subsets, batches).
+`likelihood` (chunked importance sampling), `figures` (PNG), `common` (subsets, batches),
+`cca` (the CUB CCA coherence of Table 4; imports gensim only when fitting FastText).
 """
-from mmvae_jax.evaluation import classifiers, coherence, common, figures, likelihood, probe
+from mmvae_jax.evaluation import cca, classifiers, coherence, common, figures, likelihood, probe
 from mmvae_jax.evaluation.classifiers import Classifier, DigitClassifier
 from mmvae_jax.evaluation.coherence import cross_coherence, joint_coherence, subset_coherence
 from mmvae_jax.evaluation.likelihood import batch_log_likelihoods, log_likelihoods
 from mmvae_jax.evaluation.probe import latent_probe
 
 __all__ = [
-    "Classifier", "DigitClassifier", "batch_log_likelihoods", "classifiers", "coherence",
+    "Classifier", "DigitClassifier", "batch_log_likelihoods", "cca", "classifiers", "coherence",
     "common", "cross_coherence", "figures", "joint_coherence", "latent_probe", "likelihood",
     "log_likelihoods", "probe", "subset_coherence",
 ]
