@@ -38,51 +38,56 @@ from absl import app, flags
 PROG = "cub.py"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("model", "mmvae", ["mmvae", "vae_sentence", "vae_image"],
-                  "mmvae: image features + captions (cubISft); vae_sentence / vae_image: the "
-                  "single-modality VAEs.")
-flags.DEFINE_integer("k", 50, "Importance samples per expert (K).")
-flags.DEFINE_enum("estimator", "legacy", ["legacy", "dreg", "iwae"],
-                  "Gradient estimator: legacy = the official code's (IWAE-STL); dreg = true "
-                  "doubly-reparameterised gradients; iwae = plain autodiff.")
-flags.DEFINE_enum("objective", "moe_iwae", ["moe_iwae", "moe_elbo"],
-                  "moe_iwae (eq. (3)) or moe_elbo (the official m_elbo).")
-flags.DEFINE_boolean("looser", True, "Stratified bound of eq. (3); --nolooser: tight bound.")
-flags.DEFINE_boolean("learn_prior", True, "Learn the prior's scale logits.")
-flags.DEFINE_integer("latent_dim", 64, "Latent dimension D (README 64; the paper says 128).")
-flags.DEFINE_integer("batch_size", 64, "Global batch size (split over all local devices).")
-flags.DEFINE_integer("epochs", 50, "Epochs over the training pairs.")
-flags.DEFINE_integer("max_steps", 0, "Stop after this many steps in total (0: no limit).")
-flags.DEFINE_float("lr", 1e-3, "Learning rate of Adam with PyTorch-style AMSGrad.")
-flags.DEFINE_float("llik_scaling", 0.002, "λ of the image-feature likelihood (README run 0.002; "
-                   "0 means the model default 32/2048). The sentence λ is 1.")
-flags.DEFINE_integer("seed", 1, "Seed of the parameters, data order and samples.")
-flags.DEFINE_string("workdir", "runs/cub", "Checkpoints, logs, vocabulary and reports go here.")
-flags.DEFINE_string("features", None, "ResNet-101 features: a folder with train.npy and test.npy "
-                    "(extract_cub_features.py) or one .npy (N_images, 2048).")
-flags.DEFINE_string("test_features", None, "Test features .npy when --features is one file.")
-flags.DEFINE_string("captions", None, "Train captions: .txt (one per line) or .npz ('captions').")
-flags.DEFINE_string("test_captions", None, "Test captions; without it the images of --captions "
-                    "are split by --heldout_fraction.")
-flags.DEFINE_boolean("synthetic_features", False, "Use SYNTHETIC class-conditional features in "
-                     "the image slot (needs class ids: an .npz caption file with class_id).")
-flags.DEFINE_float("heldout_fraction", 0.2, "Fraction of images held out as the test split when "
-                   "no --test_captions are given.")
-flags.DEFINE_integer("split_seed", 0, "Seed of the held-out split and the synthetic features.")
-flags.DEFINE_boolean("padding_quirk", True, "Official: index 0 (<exc>) is the padding index the "
-                     "likelihood ignores and <pad> is scored; --nopadding_quirk uses <pad>.")
-flags.DEFINE_enum("sentence_variant", "ft", ["ft", "cubS"], "Sentence CNN: ft (cubISft, with "
-                  "bias, 32-512 channels) or cubS (no bias, 32-128 channels).")
-flags.DEFINE_integer("eval_every", 0, "Steps between test evaluations (0: each epoch end).")
-flags.DEFINE_integer("eval_batches", 0, "Test batches per evaluation (0: all test pairs).")
-flags.DEFINE_integer("eval_batch_size", 0, "Test batch size (0: --batch_size).")
-flags.DEFINE_integer("checkpoint_every", 1000, "Steps between checkpoints (also at epoch ends).")
-flags.DEFINE_integer("log_every", 10, "Steps between metric logs.")
-flags.DEFINE_integer("bn_batches", 50, "Train batches for the population BatchNorm statistics.")
-flags.DEFINE_integer("report_num", 2000, "Test pairs scored for the token accuracy (0: all).")
-flags.DEFINE_integer("num_examples", 8, "Example captions written to samples.txt.")
-flags.DEFINE_enum("decoder_impl", "auto", ["auto", "matmul", "conv"],
-                  "Transposed-convolution formulation of the sentence decoder.")
+
+
+def define_flags() -> None:
+  """Defines the script's flags (only when it runs as a program, so that experiments/
+  evaluate.py can import `evaluate_table4` next to its own flags)."""
+  flags.DEFINE_enum("model", "mmvae", ["mmvae", "vae_sentence", "vae_image"],
+                    "mmvae: image features + captions (cubISft); vae_sentence / vae_image: the "
+                    "single-modality VAEs.")
+  flags.DEFINE_integer("k", 50, "Importance samples per expert (K).")
+  flags.DEFINE_enum("estimator", "legacy", ["legacy", "dreg", "iwae"],
+                    "Gradient estimator: legacy = the official code's (IWAE-STL); dreg = true "
+                    "doubly-reparameterised gradients; iwae = plain autodiff.")
+  flags.DEFINE_enum("objective", "moe_iwae", ["moe_iwae", "moe_elbo"],
+                    "moe_iwae (eq. (3)) or moe_elbo (the official m_elbo).")
+  flags.DEFINE_boolean("looser", True, "Stratified bound of eq. (3); --nolooser: tight bound.")
+  flags.DEFINE_boolean("learn_prior", True, "Learn the prior's scale logits.")
+  flags.DEFINE_integer("latent_dim", 64, "Latent dimension D (README 64; the paper says 128).")
+  flags.DEFINE_integer("batch_size", 64, "Global batch size (split over all local devices).")
+  flags.DEFINE_integer("epochs", 50, "Epochs over the training pairs.")
+  flags.DEFINE_integer("max_steps", 0, "Stop after this many steps in total (0: no limit).")
+  flags.DEFINE_float("lr", 1e-3, "Learning rate of Adam with PyTorch-style AMSGrad.")
+  flags.DEFINE_float("llik_scaling", 0.002, "λ of the image-feature likelihood (README run 0.002; "
+                     "0 means the model default 32/2048). The sentence λ is 1.")
+  flags.DEFINE_integer("seed", 1, "Seed of the parameters, data order and samples.")
+  flags.DEFINE_string("workdir", "runs/cub", "Checkpoints, logs, vocabulary and reports go here.")
+  flags.DEFINE_string("features", None, "ResNet-101 features: a folder with train.npy and test.npy "
+                      "(extract_cub_features.py) or one .npy (N_images, 2048).")
+  flags.DEFINE_string("test_features", None, "Test features .npy when --features is one file.")
+  flags.DEFINE_string("captions", None, "Train captions: .txt (one per line) or .npz ('captions').")
+  flags.DEFINE_string("test_captions", None, "Test captions; without it the images of --captions "
+                      "are split by --heldout_fraction.")
+  flags.DEFINE_boolean("synthetic_features", False, "Use SYNTHETIC class-conditional features in "
+                       "the image slot (needs class ids: an .npz caption file with class_id).")
+  flags.DEFINE_float("heldout_fraction", 0.2, "Fraction of images held out as the test split when "
+                     "no --test_captions are given.")
+  flags.DEFINE_integer("split_seed", 0, "Seed of the held-out split and the synthetic features.")
+  flags.DEFINE_boolean("padding_quirk", True, "Official: index 0 (<exc>) is the padding index the "
+                       "likelihood ignores and <pad> is scored; --nopadding_quirk uses <pad>.")
+  flags.DEFINE_enum("sentence_variant", "ft", ["ft", "cubS"], "Sentence CNN: ft (cubISft, with "
+                    "bias, 32-512 channels) or cubS (no bias, 32-128 channels).")
+  flags.DEFINE_integer("eval_every", 0, "Steps between test evaluations (0: each epoch end).")
+  flags.DEFINE_integer("eval_batches", 0, "Test batches per evaluation (0: all test pairs).")
+  flags.DEFINE_integer("eval_batch_size", 0, "Test batch size (0: --batch_size).")
+  flags.DEFINE_integer("checkpoint_every", 1000, "Steps between checkpoints (also at epoch ends).")
+  flags.DEFINE_integer("log_every", 10, "Steps between metric logs.")
+  flags.DEFINE_integer("bn_batches", 50, "Train batches for the population BatchNorm statistics.")
+  flags.DEFINE_integer("report_num", 2000, "Test pairs scored for the token accuracy (0: all).")
+  flags.DEFINE_integer("num_examples", 8, "Example captions written to samples.txt.")
+  flags.DEFINE_enum("decoder_impl", "auto", ["auto", "matmul", "conv"],
+                    "Transposed-convolution formulation of the sentence decoder.")
 
 
 def _fail(msg: str, code: int = 2):
@@ -494,4 +499,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=_parse)
