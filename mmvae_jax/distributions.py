@@ -13,6 +13,7 @@ Scale constraints follow the official code (spec §5.5), not the paper's wording
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import distrax
@@ -67,6 +68,28 @@ FAMILIES: dict[str, Callable[[jax.Array, jax.Array], Distribution]] = {
 }
 
 
+def abs_sign_grad(x: jax.Array) -> jax.Array:
+  """|x| whose derivative is sign(x), i.e. 0 at x = 0 (PyTorch's convention for ``abs``).
+
+  ``jnp.abs`` differentiates to +1 at 0. Where a Laplace density is evaluated at its own
+  location this matters: with a posterior scale at the 1e-6 floor and |loc| ~ 10, float32
+  rounds z = loc + scale·ε to loc for a large share of the samples, and ∂(−log q)/∂z would then
+  be a one-sided +1/scale = +1e6 in every such sample (a systematic push on the encoder's loc,
+  which made legacy/dreg training diverge). Here it is 0, as in the official code. The value
+  is exactly |x|.
+  """
+  return jnp.sign(x) * x
+
+
+def laplace_log_prob(x: jax.Array, loc: jax.Array, scale: jax.Array) -> jax.Array:
+  """Elementwise log Laplace(x; loc, scale) = −|x − loc|/scale − log(2·scale).
+
+  Same values as ``distrax.Laplace.log_prob`` (same operations), with `abs_sign_grad`.
+  """
+  standardized = (x - loc) / scale
+  return -abs_sign_grad(standardized) - math.log(2.0) - jnp.log(scale)
+
+
 def latent_log_prob(dist: Distribution, z: jax.Array) -> jax.Array:
   """log q(z) summed over the latent axis.
 
@@ -79,7 +102,13 @@ def latent_log_prob(dist: Distribution, z: jax.Array) -> jax.Array:
   Returns:
     (...,) log densities, i.e. ``z.shape[:-1]``.
   """
-  lp = dist.log_prob(z)
+  base = _base(dist)
+  if type(base) is distrax.Laplace:  # sign-derivative abs at 0 (see `abs_sign_grad`)
+    lp = laplace_log_prob(z, base.loc, base.scale)
+    if isinstance(dist, distrax.Independent):
+      lp = _sum_event(lp, dist.reinterpreted_batch_ndims)
+  else:
+    lp = dist.log_prob(z)
   if tuple(dist.event_shape) == ():  # elementwise densities: sum over the latent axis
     lp = jnp.sum(lp, axis=-1)
   return lp
@@ -172,7 +201,7 @@ def laplace_log_likelihood(x: jax.Array, mean: jax.Array, scale: float, event_nd
   Returns:
     (..., B).
   """
-  lp = -jnp.log(2.0 * scale) - jnp.abs(x - mean) / scale
+  lp = -jnp.log(2.0 * scale) - abs_sign_grad(x - mean) / scale
   return _sum_event(lp, event_ndim)
 
 
