@@ -336,19 +336,44 @@ def test_conv_transpose_matches_pytorch_definition(h, w, stride, padding, impl):
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("h,stride,padding", [(8, 2, 1), (4, 1, 0), (5, 1, 2)])
-def test_conv2d_matches_pytorch_definition(h, stride, padding):
-  rng = np.random.default_rng(h)
+# (4, 4, 1, 0): a 4×4 kernel covering the whole map, like the SVHN encoder's heads.
+@pytest.mark.parametrize("h,w,stride,padding", [(8, 9, 2, 1), (4, 5, 1, 0), (5, 6, 1, 2),
+                                                (4, 4, 1, 0)])
+@pytest.mark.parametrize("impl", ["conv", "im2col"])
+def test_conv2d_matches_pytorch_definition(h, w, stride, padding, impl):
+  rng = np.random.default_rng(h + w)
   c_in, c_out = 3, 6
-  x = rng.standard_normal((2, h, h + 1, c_in))
+  x = rng.standard_normal((2, h, w, c_in))
   w_torch = rng.uniform(-0.5, 0.5, (c_out, c_in, 4, 4))
   b = rng.uniform(-0.5, 0.5, c_out)
   want = _np_conv2d(x, w_torch, b, stride, padding)
-  module = L.Conv2d(c_out, 4, stride=stride, padding=padding)
+  module = L.Conv2d(c_out, 4, stride=stride, padding=padding, impl=impl)
   params = {"kernel": jnp.asarray(w_torch.transpose(2, 3, 1, 0), jnp.float32),
             "bias": jnp.asarray(b, jnp.float32)}
   got = module.apply({"params": params}, jnp.asarray(x, jnp.float32))
+  assert got.shape == want.shape
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_im2col_gradients_match_conv():
+  """The SVHN encoder's first layer (3→32, 4, 2, 1): im2col and XLA conv agree in value and in
+  the gradients for the kernel, the bias and the input."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(size=(3, 32, 32, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.uniform(-0.2, 0.2, (4, 4, 3, 32)), jnp.float32)
+  bias = jnp.asarray(rng.uniform(-0.2, 0.2, (32,)), jnp.float32)
+  cot = jnp.asarray(rng.standard_normal((3, 16, 16, 32)), jnp.float32)
+
+  def grads(impl):
+    f = lambda x, k, b: jnp.sum(cot * L.conv2d(x, k, b, stride=2, padding=1, impl=impl))
+    return jax.grad(f, argnums=(0, 1, 2))(x, kernel, bias)
+
+  for got, want in zip(grads("im2col"), grads("conv")):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  assert L.resolve_conv_impl("auto", (4, 4, 3, 32)) == "im2col"  # CPU, 48-feature patches
+  assert L.resolve_conv_impl("auto", (4, 4, 32, 64)) == "conv"
+  with pytest.raises(ValueError, match="unknown convolution impl"):
+    L.conv2d(x, kernel, bias, stride=2, padding=1, impl="fft")
 
 
 # ------------------------------------------------------------------------------------------------
