@@ -22,6 +22,7 @@ from mmvae_jax import data, loss
 from mmvae_jax.evaluation import classifiers as clf_lib
 from mmvae_jax.evaluation import coherence, common, figures, likelihood, probe
 from mmvae_jax.model import MMVAE, Modality
+from tiny_models import TWO_SHAPES, tiny_model, tiny_xs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NC = 10
@@ -201,39 +202,7 @@ def test_linear_probe_shuffled_labels_is_chance():
 # Likelihoods.
 
 
-class TinyEncoder(nn.Module):
-  latent_dim: int
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.relu(nn.Dense(16)(x.reshape(x.shape[0], -1)))
-    return nn.Dense(self.latent_dim)(h), nn.Dense(self.latent_dim)(h)
-
-
-class TinyDecoder(nn.Module):
-  shape: tuple
-
-  @nn.compact
-  def __call__(self, z):
-    h = nn.relu(nn.Dense(16)(z))
-    out = nn.sigmoid(nn.Dense(int(np.prod(self.shape)))(h))
-    return out.reshape(z.shape[:-1] + tuple(self.shape))
-
-
-TINY_SHAPES = ((4, 4, 1), (4, 4, 3))
-
-
-def tiny_model(latent_dim=3):
-  mods = tuple(Modality(name=f"m{i}", encoder=TinyEncoder(latent_dim), decoder=TinyDecoder(s),
-                        data_shape=s, llik_scale=float(np.prod(TINY_SHAPES[1]) / np.prod(s)))
-               for i, s in enumerate(TINY_SHAPES))
-  return MMVAE(modalities=mods, latent_dim=latent_dim)
-
-
-def tiny_xs(b=5, seed=0):
-  rng = np.random.default_rng(seed)
-  return tuple(jnp.asarray(rng.uniform(0, 1, size=(b,) + s).astype(np.float32))
-               for s in TINY_SHAPES)
+TINY_SHAPES = TWO_SHAPES
 
 
 LLIK_K = 10

@@ -27,6 +27,7 @@ from mmvae_jax import data, loss
 from mmvae_jax.evaluation import common, likelihood, probe
 from mmvae_jax.model import MMVAE, Modality
 from mmvae_jax.mvae import MVAE, single_vae
+from tiny_models import TWO_SHAPES, tiny_modalities, tiny_xs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVALUATE = os.path.join(REPO, "experiments", "evaluate.py")
@@ -126,38 +127,8 @@ def test_probe_samples_have_the_poe_statistics():
 # Likelihoods with PoE proposals.
 
 
-class TinyEncoder(nn.Module):
-  latent_dim: int
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.relu(nn.Dense(16)(x.reshape(x.shape[0], -1)))
-    return nn.Dense(self.latent_dim)(h), nn.Dense(self.latent_dim)(h)
-
-
-class TinyDecoder(nn.Module):
-  shape: tuple
-
-  @nn.compact
-  def __call__(self, z):
-    out = nn.sigmoid(nn.Dense(int(np.prod(self.shape)))(nn.relu(nn.Dense(16)(z))))
-    return out.reshape(z.shape[:-1] + tuple(self.shape))
-
-
-TINY_SHAPES = ((4, 4, 1), (4, 4, 3))
+TINY_SHAPES = TWO_SHAPES
 LLIK_K = 10
-
-
-def tiny_modalities(latent_dim=3):
-  return tuple(Modality(name=f"m{i}", encoder=TinyEncoder(latent_dim), decoder=TinyDecoder(s),
-                        data_shape=s, llik_scale=float(np.prod(TINY_SHAPES[1]) / np.prod(s)))
-               for i, s in enumerate(TINY_SHAPES))
-
-
-def tiny_xs(b=5, seed=0):
-  rng = np.random.default_rng(seed)
-  return tuple(jnp.asarray(rng.uniform(0, 1, size=(b,) + s).astype(np.float32))
-               for s in TINY_SHAPES)
 
 
 @functools.lru_cache(maxsize=None)

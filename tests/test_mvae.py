@@ -14,50 +14,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmvae_jax import data, parallel, train
+from mmvae_jax import parallel, train
 from mmvae_jax import distributions as dists
 from mmvae_jax.model import MMVAE, Modality
 from mmvae_jax.mvae import MVAE, log_variance_scale, product_of_experts, single_vae
+import tiny_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = ((4, 4, 1), (4, 4, 3), (3, 3, 1))
 NAMES = ("m0", "m1", "m2")
 
 
-class TinyEncoder(nn.Module):
-  latent_dim: int
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.relu(nn.Dense(16)(x.reshape(x.shape[0], -1)))
-    return nn.Dense(self.latent_dim)(h), nn.Dense(self.latent_dim)(h)
-
-
-class TinyDecoder(nn.Module):
-  shape: tuple
-
-  @nn.compact
-  def __call__(self, z):
-    h = nn.relu(nn.Dense(16)(z))
-    out = nn.sigmoid(nn.Dense(int(np.prod(self.shape)))(h))
-    return out.reshape(z.shape[:-1] + tuple(self.shape))
-
-
 def tiny_modalities(latent_dim=3, shapes=SHAPES):
-  largest = max(np.prod(s) for s in shapes)
-  return tuple(Modality(name=f"m{i}", encoder=TinyEncoder(latent_dim), decoder=TinyDecoder(s),
-                        data_shape=s, llik_scale=float(largest / np.prod(s)))
-               for i, s in enumerate(shapes))
+  return tiny_models.tiny_modalities(latent_dim, shapes)
 
 
 def tiny_dataset(n=40, seed=0, partners=2, shapes=SHAPES):
-  rng = np.random.default_rng(seed)
-  srcs = []
-  for i, s in enumerate(shapes):
-    labels = rng.integers(0, 3, size=n)  # each source its own labels: pairing must match them
-    base = rng.uniform(0, 0.3, size=(n,) + s) + labels.reshape(-1, 1, 1, 1) / 3.0
-    srcs.append(data.source_from_arrays(np.clip(base, 0, 1).astype(np.float32), labels, f"m{i}"))
-  return data.PairedDataset(srcs, partners=partners, seed=seed)
+  return tiny_models.tiny_dataset(n, seed, partners, shapes)
 
 
 def _config(**kw):

@@ -7,57 +7,15 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mmvae_jax import data, parallel, train
-from mmvae_jax.model import MMVAE, Modality
+from tiny_models import tiny_dataset, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-class TinyEncoder(nn.Module):
-  latent_dim: int
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.relu(nn.Dense(16)(x.reshape(x.shape[0], -1)))
-    return nn.Dense(self.latent_dim)(h), nn.Dense(self.latent_dim)(h)
-
-
-class TinyDecoder(nn.Module):
-  shape: tuple
-
-  @nn.compact
-  def __call__(self, z):
-    h = nn.relu(nn.Dense(16)(z))
-    out = nn.sigmoid(nn.Dense(int(np.prod(self.shape)))(h))
-    return out.reshape(z.shape[:-1] + tuple(self.shape))
-
-
-SHAPES = ((4, 4, 1), (4, 4, 3))
-
-
-def tiny_model(latent_dim=3):
-  mods = tuple(Modality(name=f"m{i}", encoder=TinyEncoder(latent_dim), decoder=TinyDecoder(s),
-                        data_shape=s, llik_scale=float(np.prod(SHAPES[1]) / np.prod(s)))
-               for i, s in enumerate(SHAPES))
-  return MMVAE(modalities=mods, latent_dim=latent_dim)
-
-
-def tiny_dataset(n=40, seed=0, partners=2):
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, 3, size=n)
-  # Images carry their label so the modalities share information.
-  srcs = []
-  for i, s in enumerate(SHAPES):
-    base = rng.uniform(0, 0.3, size=(n,) + s)
-    base += labels.reshape(-1, 1, 1, 1) / 3.0
-    srcs.append(data.source_from_arrays(np.clip(base, 0, 1).astype(np.float32), labels, f"m{i}"))
-  return data.PairedDataset(srcs, partners=partners, seed=seed)
 
 
 def _config(**kw):
@@ -131,13 +89,15 @@ def _params_of(workdir):
 
 
 def test_kill_and_resume_is_exact(tmp_path):
-  # 40 pairs·2 partners = 80 pairs -> 10 steps per epoch; 2 epochs = 20 steps.
+  # ≈80 label-matched pairs (40 instances · 2 partners) in batches of 8: ≈10 steps per epoch.
+  total = 2 * data.num_batches(len(tiny_dataset()), _config().batch_size)
+  assert total >= 16, total
   _run(tmp_path / "full", epochs=2)
   _run(tmp_path / "split", epochs=2, max_steps=13, checkpoint_every=13)  # "killed" at step 13
   _run(tmp_path / "split", epochs=2)  # same command again: resumes
   full, extra_full = _params_of(tmp_path / "full")
   split, extra_split = _params_of(tmp_path / "split")
-  assert int(full.step) == int(split.step) == 20
+  assert int(full.step) == int(split.step) == total
   assert extra_full == extra_split == {"epoch": 2, "step_in_epoch": 0}
   for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(split.params)):
     np.testing.assert_array_equal(a, b)
@@ -157,11 +117,13 @@ def test_nan_guard_keeps_last_good_checkpoint(tmp_path):
   train.train_and_evaluate(model, config, str(tmp_path), ds, ds, devices=jax.devices()[:2],
                            progress=False, figures=False)
   ds.sources[0].images[...] = np.nan
-  with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss or gradient at step 10"):
+  first_bad = data.num_batches(len(ds), config.batch_size)  # first step of epoch 2
+  with pytest.raises(train.NonFiniteLossError,
+                     match=rf"non-finite loss or gradient at step {first_bad}\b"):
     train.train_and_evaluate(model, _config(epochs=2, checkpoint_every=5), str(tmp_path), ds, ds,
                              devices=jax.devices()[:2], progress=False, figures=False)
   state, extra = _params_of(tmp_path)
-  assert int(state.step) == 10 and extra == {"epoch": 1, "step_in_epoch": 0}
+  assert int(state.step) == first_bad and extra == {"epoch": 1, "step_in_epoch": 0}
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 
