@@ -30,13 +30,17 @@ SHORTER_SIDE = 224
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_root", None, "Folder with train/ and test/, each holding one folder "
-                    "of images per class.")
-flags.DEFINE_string("out", None, "Output folder for train.npy, test.npy and *_files.txt.")
-flags.DEFINE_list("splits", ["train", "test"], "Sub-folders of --data_root to process.")
-flags.DEFINE_integer("batch_size", 256, "Images per forward pass (official: 256).")
-flags.DEFINE_string("device", "cpu", "torch device (official: cpu).")
 
+
+def define_flags() -> None:
+  """Defines the script's flags (only when it runs as a program, so that importing it for its
+  functions defines no global flags)."""
+  flags.DEFINE_string("data_root", None, "Folder with train/ and test/, each holding one folder "
+                      "of images per class.")
+  flags.DEFINE_string("out", None, "Output folder for train.npy, test.npy and *_files.txt.")
+  flags.DEFINE_list("splits", ["train", "test"], "Sub-folders of --data_root to process.")
+  flags.DEFINE_integer("batch_size", 256, "Images per forward pass (official: 256).")
+  flags.DEFINE_string("device", "cpu", "torch device (official: cpu).")
 
 def _fail(msg: str, code: int = 2):
   print(f"{PROG}: error: {msg}", file=sys.stderr)
@@ -144,6 +148,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
+
   def _parse(argv):
     try:
       return FLAGS(argv)

@@ -363,3 +363,12 @@ def test_token_accuracy_counts_up_to_first_eos():
   truth = np.array([[5, 6, cap.EOS, cap.PAD], [7, cap.EOS, cap.PAD, cap.PAD]])
   pred = np.array([[5, 0, cap.EOS, 9], [7, 7, 1, 1]])
   assert mod.token_accuracy(pred, truth) == pytest.approx(3 / 5)
+
+
+def test_evaluate_dispatches_cub_workdirs(tmp_path):
+  (tmp_path / "run.json").write_text('{"model": "cub_vae_sentence", "config": {}}')
+  r = subprocess.run([sys.executable, str(REPO / "experiments" / "evaluate.py"),
+                      f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=120,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+  assert "Table 4 needs the image-feature + caption MMVAE (cub_mmvae)" in r.stderr
