@@ -85,9 +85,15 @@ def cub_params():
 
 @pytest.fixture(scope="module")
 def small_model():
-  """Official layers with D = 8 and a 40-word vocabulary, initialised for real."""
+  """Official layers with D = 8 and a 40-word vocabulary; parameters N(0, 0.05²) (N(0, 1) for the
+  embedding) at the shapes of `init` (flax init compiles for ~15 s on CPU; PyTorch init bounds
+  are tested per layer)."""
   model = N.cub_model("mmvae", 8, vocab_size=40)
-  return model, jax.jit(model.init)(jax.random.key(0))
+  shapes = jax.eval_shape(model.init, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  fill = lambda path, s: jnp.asarray(rng.standard_normal(s.shape).astype(np.float32)
+                                     * (1.0 if "embedding" in jax.tree_util.keystr(path) else 0.05))
+  return model, jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def test_parameter_counts(cub_params):
@@ -109,7 +115,8 @@ def test_model_families_and_lambda(small_model):
   model, params = small_model
   assert model.names == ("image", "sentence") and model.prior_family == "normal"
   assert [m.posterior_family for m in model.modalities] == ["normal", "normal"]
-  prior = model.prior(params)
+  prior = model.prior({"prior": {"scale_logits": jnp.zeros(8)}})  # as initialised
+  assert isinstance(prior, type(dists.normal(0.0, 1.0)))
   np.testing.assert_allclose(prior.scale, np.log(2.0) + 1e-6, rtol=1e-6)  # softplus(0) + eta
   assert model.modality("image").llik_scale == pytest.approx(32 / 2048)
   assert N.cub_model("mmvae", 8, llik_scaling=0.002).modality("image").llik_scale == 0.002
@@ -137,6 +144,9 @@ def test_conv_transpose_matches_pytorch_rule(kernel, stride, padding):
   x = np.asarray(jax.random.normal(jax.random.key(0), (2, 3, 4, 5)))
   variables = layer.init(jax.random.key(1), x)
   got = layer.apply(variables, x)
+  bound = 1 / np.sqrt(3 * kernel[0] * kernel[1])  # PyTorch: fan_in = C_out·kh·kw
+  assert np.abs(variables["params"]["kernel"]).max() <= bound
+  assert np.abs(variables["params"]["kernel"]).max() > 0.8 * bound
   want = _scatter_conv_transpose(x, np.asarray(variables["params"]["kernel"]), stride, padding)
   np.testing.assert_allclose(got, want + np.asarray(variables["params"]["bias"]), atol=1e-5)
 
@@ -144,11 +154,12 @@ def test_conv_transpose_matches_pytorch_rule(kernel, stride, padding):
 @pytest.mark.parametrize("quirk", [True, False])
 def test_padding_index_embedding_and_likelihood(quirk):
   pad = cap.padding_index(quirk)
-  enc = N.SentenceEncoder(latent_dim=4, vocab_size=10, padding_idx=pad)
-  params = enc.init(jax.random.key(0), jnp.zeros((2, 32)))["params"]
-  assert np.all(params["embedding"][pad] == 0) and np.any(params["embedding"][3] != 0)
-  emb = params["embedding"].at[pad].set(1.0)
+  emb = N.embedding_init(pad)(jax.random.key(0), (10, 128))
+  assert np.all(emb[pad] == 0) and np.all(emb[np.arange(10) != pad] != 0)
+  assert 0.8 < float(jnp.std(emb)) < 1.2  # N(0, 1)
+  emb = emb.at[pad].set(1.0)
   tokens = jnp.array([[pad, 3] + [cap.EOS] * 30])
+  np.testing.assert_array_equal(N.embed(tokens, emb, pad)[0, 0], emb[pad])  # the current row
   grad = jax.grad(lambda e: jnp.sum(N.embed(tokens, e, pad) ** 2))(emb)
   assert np.all(grad[pad] == 0) and np.any(grad[3] != 0)
   # The likelihood ignores the padding index: <exc> with the official quirk, <pad> without.
@@ -172,18 +183,19 @@ def test_tied_output_and_batchnorm_modes(small_model):
   moved = jax.tree.map(lambda a: a, params)
   moved["encoders"]["sentence"]["embedding"] = params["encoders"]["sentence"]["embedding"] * 2
   assert not np.allclose(model.decode_one(moved, "sentence", z), logits)
-  # Train mode: batch statistics (a row's output depends on its batch); eval mode: not.
+  # Train mode: batch statistics (a row's output depends on the other rows); eval mode: not.
+  z2, toks2 = z.at[1:].multiply(3.0), toks.at[1:].set(7.0)
+  assert not np.allclose(model.decode_one(params, "sentence", z2)[0], logits[0], atol=1e-4)
   stats = N.population_batch_stats(model, params, [(feats, toks)], jax.random.key(4))
   assert set(stats) == {"encoders", "decoders"} and "image" not in stats["encoders"]
   assert stats["decoders"]["sentence"]["bn1"]["var"].shape == (512,)
-  assert not np.allclose(model.decode_one(params, "sentence", z[:2])[0], logits[0], atol=1e-4)
   evp = {**params, "batch_stats": stats}
-  full = model.decode_one(evp, "sentence", z)
-  np.testing.assert_allclose(model.decode_one(evp, "sentence", z[:1])[0], full[0], atol=1e-4)
-  q_all = model.encode_one(evp, "sentence", toks)
-  q_one = model.encode_one(evp, "sentence", toks[:1])
-  np.testing.assert_allclose(q_one.loc[0], q_all.loc[0], atol=1e-4)
-  obj = model.objective(params, (feats, toks), jax.random.key(5), 2, estimator="legacy")
+  np.testing.assert_allclose(model.decode_one(evp, "sentence", z2)[0],
+                             model.decode_one(evp, "sentence", z)[0], atol=1e-4)
+  np.testing.assert_allclose(model.encode_one(evp, "sentence", toks2).loc[0],
+                             model.encode_one(evp, "sentence", toks).loc[0], atol=1e-4)
+  obj = jax.jit(lambda p: model.objective(p, (feats, toks), jax.random.key(5), 2,
+                                          estimator="legacy"))(params)
   assert obj.shape == (6,) and np.all(np.isfinite(obj))
 
 
