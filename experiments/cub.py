@@ -31,9 +31,10 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 
 from absl import app, flags
+
+from mmvae_jax import cli
 
 PROG = "cub.py"
 
@@ -91,16 +92,9 @@ def define_flags() -> None:
 
 
 def _fail(msg: str, code: int = 2):
-  print(f"{PROG}: error: {msg}", file=sys.stderr)
-  sys.exit(code)
+  cli.fail(PROG, msg, code)
 
 
-def _parse(argv):
-  """absl flag parsing that fails with one line on an unknown or malformed flag."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,22 +323,9 @@ def model_from_run(run: dict, vocab_size: int):
 
 def restore_params(model, run: dict, workdir: str, step: int = -1):
   """(params, step) of checkpoint `step` (-1: the latest) of `workdir`."""
-  import jax
   from mmvae_jax import train
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
-  config = train.TrainConfig(**{k: v for k, v in run["config"].items() if k in fields})
-  template = train.init_state(model, train.make_optimizer(config), jax.random.key(0))
-  ckpt = train.Checkpointer(workdir)
-  try:
-    latest = ckpt.latest_step()
-    if latest is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-    chosen = latest if step < 0 else step
-    state, _ = ckpt.restore(template, {"epoch": 0, "step_in_epoch": 0}, step=chosen)
-  finally:
-    ckpt.close()
-  return state.params, int(chosen)
+  params, chosen, _ = train.restore_params(model, run["config"], workdir, step)
+  return params, chosen
 
 
 def evaluate_table4(workdir: str, *, step: int = -1, seed: int = -1, batch_size: int = 256,
@@ -500,4 +481,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=_parse)
+  app.run(main, flags_parser=cli.flags_parser(PROG))

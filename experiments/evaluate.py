@@ -44,14 +44,14 @@ Quick check on a CPU (sizes limited by flags):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 from absl import app, flags
+
+from mmvae_jax import cli
 from absl import logging as absl_logging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,17 +122,10 @@ TABLE2_COLS = ("joint", "mnist→svhn", "svhn→mnist")
 TABLE3_PAIRS = (("mnist", "svhn"), ("svhn", "mnist"))
 
 
-def _parse(argv):
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"evaluate.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 def fail(message: str, code: int = 2):
-  print(f"evaluate.py: error: {message}", file=sys.stderr)
-  sys.exit(code)
+  cli.fail("evaluate.py", message, code)
 
 
 def say(message: str = "") -> None:
@@ -248,31 +241,12 @@ def load_results(workdir: str) -> dict:
 
 
 def restore_params(model, run: dict, workdir: str, step: int):
-  import jax
+  """(params, step, extra) of checkpoint `step` (-1: latest); one-line failure otherwise."""
   from mmvae_jax import train
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):
-    fail(f"no checkpoint in {ckpt_dir}")
-  fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
-  config = train.TrainConfig(**{k: v for k, v in run["config"].items() if k in fields})
-  template = train.init_state(model, train.make_optimizer(config), jax.random.key(0))
-  ckpt = train.Checkpointer(workdir)
   try:
-    latest = ckpt.latest_step()
-    if latest is None:
-      fail(f"no checkpoint in {ckpt_dir}")
-    chosen = latest if step < 0 else step
-    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-    if chosen not in steps:
-      fail(f"no checkpoint step {chosen} in {ckpt_dir} (steps: {steps})")
-    try:
-      state, extra = ckpt.restore(template, {"epoch": 0, "step_in_epoch": 0}, step=chosen)
-    except (ValueError, TypeError, KeyError) as e:
-      msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-      fail(f"cannot restore step {chosen} of {ckpt_dir} into this model ({msg})")
-  finally:
-    ckpt.close()
-  return state.params, int(chosen), extra
+    return train.restore_params(model, run["config"], workdir, step)
+  except train.CheckpointError as e:
+    fail(str(e))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -900,4 +874,4 @@ def _json_default(o):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse)
+  app.run(main, flags_parser=cli.flags_parser("evaluate.py"))

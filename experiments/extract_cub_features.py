@@ -20,10 +20,11 @@ not depend on its batch).
 from __future__ import annotations
 
 import os
-import sys
 from typing import Callable, Sequence
 
 from absl import app, flags
+
+from mmvae_jax import cli
 
 PROG = "extract_cub_features.py"
 SHORTER_SIDE = 224
@@ -43,8 +44,7 @@ def define_flags() -> None:
   flags.DEFINE_string("device", "cpu", "torch device (official: cpu).")
 
 def _fail(msg: str, code: int = 2):
-  print(f"{PROG}: error: {msg}", file=sys.stderr)
-  sys.exit(code)
+  cli.fail(PROG, msg, code)
 
 
 def list_images(split_dir: str) -> list[str]:
@@ -150,9 +150,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
 
-  def _parse(argv):
-    try:
-      return FLAGS(argv)
-    except flags.Error as e:
-      _fail(str(e))
-  app.run(main, flags_parser=_parse)
+  app.run(main, flags_parser=cli.flags_parser(PROG))

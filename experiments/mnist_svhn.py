@@ -20,6 +20,8 @@ import sys
 
 from absl import app, flags
 
+from mmvae_jax import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "mmvae", ["mmvae", "mvae", "vae_mnist", "vae_svhn"],
                   "mmvae: mixture of experts (the paper); mvae: product of experts (Wu & Goodman "
@@ -60,13 +62,6 @@ flags.DEFINE_enum("decoder_impl", "auto", ["auto", "matmul", "conv"],
                   "fast on GPU/TPU), auto picks by backend.")
 
 
-def _parse(argv):
-  """absl flag parsing that fails with one line on an unknown or malformed flag."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f"mnist_svhn.py: error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 def main(argv):
@@ -137,4 +132,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse)
+  app.run(main, flags_parser=cli.flags_parser("mnist_svhn.py"))

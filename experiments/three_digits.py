@@ -27,9 +27,10 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 
 from absl import app, flags
+
+from mmvae_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
@@ -106,16 +107,9 @@ def build_model(kind: str, shapes, *, latent_dim: int = 20, learn_prior: bool = 
 
 
 def _fail(msg: str, code: int = 2):
-  print(f"{PROG}: error: {msg}", file=sys.stderr)
-  sys.exit(code)
+  cli.fail(PROG, msg, code)
 
 
-def _parse(argv):
-  """absl flag parsing that fails with one line on an unknown or malformed flag."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e))
 
 
 def main(argv):
@@ -175,4 +169,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse)
+  app.run(main, flags_parser=cli.flags_parser(PROG))

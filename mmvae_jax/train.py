@@ -239,6 +239,49 @@ class Checkpointer:
 # The loop.
 
 
+class CheckpointError(ValueError):
+  """A checkpoint that is missing or does not fit the model (one-line message)."""
+
+
+def restore_params(model: MMVAE, config: dict | TrainConfig, workdir: str, step: int = -1
+                   ) -> tuple[Any, int, dict]:
+  """Parameters of checkpoint `step` (-1: the latest) of a training workdir.
+
+  Args:
+    model: the model the run trained (its ``init`` gives the parameter template).
+    config: the run's `TrainConfig`, or a dict of its fields (e.g. run.json's "config"; other
+      keys are ignored).
+    workdir: the training workdir (checkpoints under ``workdir/checkpoints``).
+    step: checkpoint step; -1 for the latest.
+  Returns:
+    (params, step, extra), extra the data position ``{"epoch", "step_in_epoch"}``.
+  Raises:
+    CheckpointError: no checkpoint, no such step, or a checkpoint of another model.
+  """
+  if isinstance(config, dict):
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in config.items() if k in fields})
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = (sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+           if os.path.isdir(ckpt_dir) else [])
+  if not steps:
+    raise CheckpointError(f"no checkpoint in {ckpt_dir}")
+  chosen = steps[-1] if step < 0 else step
+  if chosen not in steps:
+    raise CheckpointError(f"no checkpoint step {chosen} in {ckpt_dir} (steps: {steps})")
+  template = init_state(model, make_optimizer(config), jax.random.key(0))
+  ckpt = Checkpointer(workdir)
+  try:
+    state, extra = ckpt.restore(template, {"epoch": 0, "step_in_epoch": 0}, step=chosen)
+  except (ValueError, TypeError, KeyError) as e:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise CheckpointError(
+        f"cannot restore step {chosen} of {ckpt_dir} into this model ({msg})") from None
+  finally:
+    ckpt.close()
+  return state.params, int(chosen), extra
+
+
 class NonFiniteLossError(FloatingPointError):
   """A training step produced a non-finite loss or gradient."""
 

@@ -105,6 +105,17 @@ def test_kill_and_resume_is_exact(tmp_path):
     np.testing.assert_array_equal(a, b)
   rows = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
   assert any("test_objective" in r for r in rows)
+  # The library's restore for evaluation: latest step by default, one-line errors otherwise.
+  params, step, extra = train.restore_params(tiny_model(), _config(), str(tmp_path / "full"))
+  assert step == total and extra == extra_full
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full.params)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(train.CheckpointError, match=r"no checkpoint step 7 in .* \(steps: \["):
+    train.restore_params(tiny_model(), _config(), str(tmp_path / "full"), step=7)
+  with pytest.raises(train.CheckpointError, match="no checkpoint in"):
+    train.restore_params(tiny_model(), {"k": 2, "unknown": 1}, str(tmp_path / "empty"))
+  with pytest.raises(train.CheckpointError, match="cannot restore step"):
+    train.restore_params(tiny_model(latent_dim=4), _config(), str(tmp_path / "full"))
   assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
 
 

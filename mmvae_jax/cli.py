@@ -1,0 +1,30 @@
+"""Command-line plumbing shared by the experiment scripts: one-line errors and flag parsing.
+
+Every script fails the same way on bad input: ``<script>: error: <cause>`` on stderr and exit
+code 2 (1 for a failure while running), never a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn
+
+from absl import flags
+
+
+def fail(prog: str, message: str, code: int = 2) -> NoReturn:
+  """Print ``prog: error: message`` to stderr and exit with `code`."""
+  print(f"{prog}: error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def flags_parser(prog: str, flag_values: flags.FlagValues = flags.FLAGS
+                 ) -> Callable[[list[str]], list[str]]:
+  """An ``app.run(flags_parser=...)`` that fails with one line on an unknown or bad flag."""
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return flag_values(argv)
+    except flags.Error as e:
+      fail(prog, str(e))
+
+  return parse
