@@ -68,6 +68,7 @@ FAMILIES: dict[str, Callable[[jax.Array, jax.Array], Distribution]] = {
 }
 
 
+@jax.custom_jvp
 def abs_sign_grad(x: jax.Array) -> jax.Array:
   """|x| whose derivative is sign(x), i.e. 0 at x = 0 (PyTorch's convention for ``abs``).
 
@@ -78,7 +79,13 @@ def abs_sign_grad(x: jax.Array) -> jax.Array:
   which made legacy/dreg training diverge). Here it is 0, as in the official code. The value
   is exactly |x|.
   """
-  return jnp.sign(x) * x
+  return jnp.abs(x)
+
+
+@abs_sign_grad.defjvp
+def _abs_sign_grad_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  return jnp.abs(x), jnp.sign(x) * t
 
 
 def laplace_log_prob(x: jax.Array, loc: jax.Array, scale: jax.Array) -> jax.Array:
