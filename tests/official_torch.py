@@ -1,6 +1,6 @@
 """An independent PyTorch implementation of the official MNIST-SVHN MMVAE and its objectives.
 
-Written from the specification of the official code (/work/shared/reference/official-code-spec.md,
+Written from the specification of the official code (../shared/reference/official-code-spec.md beside the repository,
 §4.4-4.6 objectives, §5 distributions and scale constraints, §6.1-6.3 networks, §6.9 forward
 pass), not copied from any repository. It is a *reference* for tests and experiments, used to
 check that the JAX port computes the same losses and gradients as the released code:
