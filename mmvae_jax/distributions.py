@@ -193,7 +193,15 @@ def kl_divergence(q: Distribution, p: Distribution, *, key: jax.Array | None = N
 
 
 def _sum_event(values: jax.Array, event_ndim: int) -> jax.Array:
-  return jnp.sum(values, axis=tuple(range(values.ndim - event_ndim, values.ndim)))
+  """Σ over the trailing `event_ndim` axes, as a matrix-vector product with ones.
+
+  Same value as ``jnp.sum`` up to float32 summation order; on XLA:CPU the reduction over the
+  (2, K, B, 32, 32, 3) likelihood terms ran ≈20x slower as a reduce fusion than as a dot
+  (70 ms of a 0.95 s K = 10 training step).
+  """
+  lead = values.shape[:values.ndim - event_ndim]
+  flat = values.reshape(lead + (-1,))
+  return jnp.dot(flat, jnp.ones((flat.shape[-1],), flat.dtype))
 
 
 def laplace_log_likelihood(x: jax.Array, mean: jax.Array, scale: float, event_ndim: int = 3

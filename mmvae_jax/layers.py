@@ -102,8 +102,8 @@ class Dense(nn.Module):
 # Convolutions (PyTorch Conv2d semantics, NHWC)
 # ------------------------------------------------------------------------------------------------
 
-CONV_IMPLS = ("auto", "conv", "im2col")
-# "auto" uses im2col on XLA:CPU when a patch has at most this many features (kh·kw·C_in).
+CONV_IMPLS = ("auto", "conv", "im2col", "s2d")
+# "auto" uses a matmul form on XLA:CPU when a patch has at most this many features (kh·kw·C_in).
 IM2COL_MAX_PATCH = 64
 
 
@@ -121,9 +121,7 @@ def conv2d_im2col(x: Array, kernel: Array, bias: Array, *, stride: int, padding:
   Patches are the kh·kw strided slices of the padded input concatenated along features in
   (i, j, c) order, which is the row order of ``kernel.reshape(kh·kw·C_in, C_out)``. When the
   kernel covers the whole padded input (a 4×4 head on a 4×4 map) the patch is the flattened
-  input. On XLA:CPU this beats the convolution by 2-5x for thin inputs (C_in = 3), whose
-  convolutions run far below matmul speed, and loses for wide ones (the patch matrix is
-  kh·kw times the input).
+  input, and the layer is a dense layer.
   """
   kh, kw, c_in, c_out = kernel.shape
   n, h, w, _ = x.shape
@@ -140,16 +138,85 @@ def conv2d_im2col(x: Array, kernel: Array, bias: Array, *, stride: int, padding:
   return jnp.dot(patches, kernel.reshape(kh * kw * c_in, c_out)) + bias
 
 
-def resolve_conv_impl(impl: str, kernel_shape: Sequence[int]) -> str:
-  """"auto" → "im2col" on the CPU backend for patches of ≤ `IM2COL_MAX_PATCH` features, else
-  "conv"; other values are returned unchanged."""
+def s2d_weight(kernel: Array) -> Array:
+  """The (16·C_in, C_out) matrix of `conv2d_s2d`: rows (dy, dx, r, q, c) hold tap
+  (2·dy + r, 2·dx + q), matching the features of ``_windows_2x2(_pad_space_to_depth(x))``."""
+  kh, kw, c_in, c_out = kernel.shape
+  assert (kh, kw) == (4, 4), kernel.shape
+  w = kernel.reshape(2, 2, 2, 2, c_in, c_out).transpose(0, 2, 1, 3, 4, 5)  # (dy, dx, r, q, c, o)
+  return w.reshape(16 * c_in, c_out)
+
+
+def _s2d_patches(x: Array) -> Array:
+  """(N, H, W, C) → (N, H/2, W/2, 16·C): pad by 1, space-to-depth by 2, 2×2 windows."""
+  return _windows_2x2(_pad_space_to_depth(x))
+
+
+@jax.custom_vjp
+def _s2d_matmul(x: Array, wm: Array) -> Array:
+  """x (N, H, W, C_in), wm = s2d_weight(kernel) → (N, H/2, W/2, C_out), no bias."""
+  return jnp.dot(_s2d_patches(x), wm)
+
+
+def _s2d_matmul_fwd(x, wm):
+  return _s2d_matmul(x, wm), (x, wm)
+
+
+def _s2d_matmul_bwd(res, g):
+  # Adjoints: windows → overlap-add, pad + space-to-depth → depth-to-space + crop. The patch
+  # matrix (4x the input) is rebuilt here rather than kept from the forward pass.
+  x, wm = res
+  c_in = x.shape[-1]
+  gx = _depth_to_space_crop(_overlap_add_2x2(jnp.dot(g, wm.T)), c_in)
+  return gx, _weight_grad(_s2d_patches(x), g)
+
+
+_s2d_matmul.defvjp(_s2d_matmul_fwd, _s2d_matmul_bwd)
+
+
+def conv2d_s2d(x: Array, kernel: Array, bias: Array) -> Array:
+  """``torch.nn.Conv2d(4, stride=2, padding=1)``, space-to-depth form: one matmul, exact FLOPs.
+
+  Padded by 1 and regrouped into 2×2 pixel blocks (features (r, q, c)), output pixel (t, u)
+  reads blocks (t + dy, u + dx), dy, dx ∈ {0, 1}, through tap (2·dy + r, 2·dx + q). So the
+  layer is a (16·C_in → C_out) matmul over 2×2 windows of blocks, built from one transposing
+  copy and four slices, with a hand-written backward pass (the adjoint copies, no zero-padded
+  partial sums). Reverse-mode only (``jax.custom_vjp``).
+
+  Args:
+    x: (N, H, W, C_in), H and W even. kernel: (4, 4, C_in, C_out). bias: (C_out,).
+  Returns:
+    (N, H/2, W/2, C_out).
+  """
+  chex.assert_rank(x, 4)
+  if x.shape[1] % 2 or x.shape[2] % 2:
+    raise ValueError(f"conv2d_s2d needs an even height and width, got {x.shape[1:3]}")
+  return _s2d_matmul(x, s2d_weight(kernel)) + bias
+
+
+def resolve_conv_impl(impl: str, kernel_shape: Sequence[int], *, stride: int = 1,
+                      padding: int = 0, input_hw: Sequence[int] | None = None) -> str:
+  """Which formulation `conv2d` uses. "auto" on the CPU backend: for thin patches
+  (≤ `IM2COL_MAX_PATCH` features, e.g. 4×4×3) "s2d" where it applies (4×4, stride 2, padding 1,
+  even map), else "im2col"; "im2col" for a kernel covering the whole map (a dense layer); else
+  "conv" (XLA:CPU's convolutions beat both matmul forms once C_in ≥ 32, fwd+bwd measured).
+  "auto" elsewhere: "conv". Other values are returned unchanged ("s2d" falls back to "conv"
+  where it does not apply)."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"unknown convolution impl {impl!r}; expected one of {CONV_IMPLS}")
-  if impl == "auto":
-    kh, kw, c_in = kernel_shape[:3]
-    thin = kh * kw * c_in <= IM2COL_MAX_PATCH
-    return "im2col" if thin and jax.default_backend() == "cpu" else "conv"
-  return impl
+  kh, kw, c_in = kernel_shape[:3]
+  s2d_ok = ((kh, kw, stride, padding) == (4, 4, 2, 1)
+            and (input_hw is None or (input_hw[0] % 2 == 0 and input_hw[1] % 2 == 0)))
+  if impl == "s2d":
+    return "s2d" if s2d_ok else "conv"
+  if impl != "auto":
+    return impl
+  if jax.default_backend() != "cpu":
+    return "conv"
+  if kh * kw * c_in <= IM2COL_MAX_PATCH:
+    return "s2d" if s2d_ok else "im2col"
+  whole = input_hw is not None and padding == 0 and tuple(input_hw) == (kh, kw)
+  return "im2col" if whole else "conv"
 
 
 def conv2d(x: Array, kernel: Array, bias: Array, *, stride: int, padding: int,
@@ -160,15 +227,20 @@ def conv2d(x: Array, kernel: Array, bias: Array, *, stride: int, padding: int,
     x: (N, H, W, C_in).
     kernel: (kh, kw, C_in, C_out) (the flax ``nn.Conv`` layout, no flip).
     bias: (C_out,).
-    impl: "conv" (XLA convolution), "im2col" (one matmul over patches) or "auto"
-      (`resolve_conv_impl`); all give the same numbers up to float rounding.
+    impl: "conv" (XLA convolution), "im2col" (one matmul over patches), "s2d" (4×4, stride 2,
+      padding 1 only: `conv2d_s2d`) or "auto" (`resolve_conv_impl`); all give the same numbers
+      up to float rounding. "s2d" is reverse-mode differentiable only.
   Returns:
     (N, (H + 2p − kh)//s + 1, (W + 2p − kw)//s + 1, C_out).
   """
   chex.assert_rank(x, 4)
   chex.assert_rank(kernel, 4)
   chex.assert_axis_dimension(x, 3, kernel.shape[2])
-  if resolve_conv_impl(impl, kernel.shape) == "im2col":
+  impl = resolve_conv_impl(impl, kernel.shape, stride=stride, padding=padding,
+                           input_hw=x.shape[1:3])
+  if impl == "s2d":
+    return conv2d_s2d(x, kernel, bias)
+  if impl == "im2col":
     return conv2d_im2col(x, kernel, bias, stride=stride, padding=padding)
   return conv2d_lax(x, kernel, bias, stride=stride, padding=padding)
 
@@ -178,8 +250,9 @@ class Conv2d(nn.Module):
 
   Input (N, H, W, C_in) → (N, H_out, W_out, features). Parameters (same tree as ``nn.Conv``):
   ``kernel`` (k, k, C_in, features), ``bias`` (features,), both U(±1/sqrt(C_in·k·k)).
-  ``impl``: see `conv2d` ("auto": im2col for thin patches on CPU, e.g. the SVHN encoder's
-  first layer, an XLA convolution otherwise).
+  ``impl``: see `conv2d` ("auto" on CPU: the space-to-depth matmul for thin 4×4 stride-2
+  layers such as the SVHN encoder's first, a matmul for whole-map heads, an XLA convolution
+  otherwise).
   """
   features: int
   kernel_size: int
@@ -454,6 +527,67 @@ def conv_transpose(x: Array, kernel: Array, bias: Array, *, stride: int, padding
         return conv_transpose_window(x, kernel, bias)
       return conv_transpose_col2im(x, kernel, bias)
   return conv_transpose_lax(x, kernel, bias, stride=stride, padding=padding)
+
+
+# ------------------------------------------------------------------------------------------------
+# Matmul layers as (weight transform, forward, backward) triples, for whole-network custom VJPs
+# ------------------------------------------------------------------------------------------------
+
+def matmul_variant(height: int, width: int, kernel_shape: Sequence[int], stride: int,
+                   padding: int, impl: str) -> str | None:
+  """The matmul form `conv_transpose` uses for this layer: "1x1", "window", "col2im" or None.
+
+  None means ``lax.conv_transpose`` (``impl`` resolves to "conv", or no matmul form covers the
+  configuration).
+  """
+  impl = resolve_impl(impl)
+  if impl == "conv":
+    return None
+  kh, kw, c_in, c_out = kernel_shape
+  if height == 1 and width == 1 and padding == 0:
+    return "1x1"
+  if (kh, kw, stride, padding) == (4, 4, 2, 1):
+    return choose_matmul_variant(height, width, c_in, c_out) if impl == "matmul" else impl
+  return None
+
+
+def matmul_weight(variant: str, kernel: Array) -> Array:
+  """The matrix of a matmul form: "1x1" (C_in, k·k·C_out); "window" (4·C_in, 4·C_out);
+  "col2im" (C_in, 16·C_out). Linear in ``kernel``, so autodiff maps its gradient back."""
+  if variant == "1x1":
+    kh, kw, c_in, c_out = kernel.shape
+    return kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c_in, kh * kw * c_out)
+  if variant == "window":
+    return window_weight(kernel)
+  if variant == "col2im":
+    return col2im_weight(kernel)
+  raise ValueError(f"unknown matmul variant {variant!r}")
+
+
+def matmul_forward(variant: str, x: Array, w: Array, c_out: int) -> Array:
+  """The layer without bias: x (N, H, W, C_in) → (N, H', W', C_out), w = matmul_weight(...)."""
+  if variant == "1x1":
+    n = x.shape[0]
+    k = math.isqrt(w.shape[1] // c_out)
+    return jnp.dot(x.reshape(n, -1), w).reshape(n, k, k, c_out)
+  if variant == "window":
+    return _window_matmul(x, w)
+  if variant == "col2im":
+    return _col2im_matmul(x, w)
+  raise ValueError(f"unknown matmul variant {variant!r}")
+
+
+def matmul_backward(variant: str, x: Array, w: Array, g: Array) -> tuple[Array, Array]:
+  """VJP of `matmul_forward` at (x, w) for output cotangent g: returns (gx, gw)."""
+  if variant == "1x1":
+    n = x.shape[0]
+    x2, g2 = x.reshape(n, -1), g.reshape(n, -1)
+    return jnp.dot(g2, w.T).reshape(x.shape), jnp.dot(x2.T, g2)
+  if variant == "window":
+    return _window_matmul_bwd((x, w), g)
+  if variant == "col2im":
+    return _col2im_matmul_bwd((x, w), g)
+  raise ValueError(f"unknown matmul variant {variant!r}")
 
 
 def conv_transpose_params(module: nn.Module, in_features: int, features: int,

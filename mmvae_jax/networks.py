@@ -30,9 +30,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 
-from mmvae_jax.layers import Conv2d, ConvTransposeParams, Dense, conv_transpose, resolve_impl
+from mmvae_jax.layers import (Conv2d, ConvTransposeParams, Dense, conv_transpose,
+                              conv_transpose_out_size, matmul_forward, matmul_variant,
+                              matmul_backward, matmul_weight, resolve_impl)
 
 Array = jax.Array
 
@@ -44,11 +45,9 @@ ETA = 1e-6  # clamp of the MNIST decoder's mean (official Constants.eta)
 # measured fastest on the 2-core CPU at N = 7680 (1024: +10% time, +115 MB).
 DEFAULT_CHUNK_SIZE = 512
 # Remat policies of the matmul SVHN decoder: names of the activations kept for the backward pass.
-_ACT = "svhn_decoder_act{}"
-REMAT_SAVED = {
-    "activations": (_ACT.format(2), _ACT.format(3), _ACT.format(4)),
-    "minimal": (_ACT.format(2), _ACT.format(4)),
-}
+REMAT_MODES = ("auto", "minimal", "activations")
+# remat="auto" keeps layer 3's output (N·16·16·32 float32) while it fits in this many bytes.
+KEEP_ACT3_MAX_BYTES = 128 << 20
 
 
 def count_params(params: Any) -> int:
@@ -143,50 +142,71 @@ class SvhnEncoder(nn.Module):
     return loc.reshape(out_shape), scale_logits.reshape(out_shape)
 
 
-@jax.custom_vjp
-def relu_output_vjp(x: Array) -> Array:
-  """ReLU whose backward pass reads only its output (residual: y, not x).
-
-  Lets a remat policy keep post-activations alone: the next layer's weight gradient needs the
-  output anyway, and the ReLU mask is (y > 0) == (x > 0).
-  """
-  return jnp.maximum(x, 0.0)
-
-
-def _relu_fwd(x):
-  y = jnp.maximum(x, 0.0)
-  return y, y
-
-
-def _relu_bwd(y, g):
-  return (jnp.where(y > 0, g, jnp.zeros_like(g)),)
-
-
-relu_output_vjp.defvjp(_relu_fwd, _relu_bwd)
-
-
-def _svhn_decode(params: Sequence[tuple[Array, Array]], z: Array, impl: str) -> Array:
-  """The SVHN decoder as a pure function: z (N, D) → mean (N, 32, 32, 3).
-
-  With a matmul impl the output of layer i is tagged ``checkpoint_name(_, "svhn_decoder_act{i}")``
-  so that the remat policy of `SvhnDecoder` (``REMAT_SAVED``) keeps some of them, and never
-  im2col buffers, for the backward pass.
-  """
+def _svhn_decode_conv(params: Sequence[tuple[Array, Array]], z: Array) -> Array:
+  """The SVHN decoder with XLA transposed convolutions: z (N, D) → mean (N, 32, 32, 3)."""
   chex.assert_rank(z, 2)
-  matmul = impl != "conv"
   h = z.reshape(z.shape[0], 1, 1, z.shape[1])
   last = len(params) - 1
   for i, (kernel, bias) in enumerate(params):
     stride, padding = (1, 0) if i == 0 else (2, 1)
-    h = conv_transpose(h, kernel, bias, stride=stride, padding=padding, impl=impl)
-    if i == last:
-      h = nn.sigmoid(h)  # its backward reads the output only
-    else:
-      h = relu_output_vjp(h) if matmul else nn.relu(h)
-    if matmul:
-      h = checkpoint_name(h, _ACT.format(i + 1))
+    h = conv_transpose(h, kernel, bias, stride=stride, padding=padding, impl="conv")
+    h = nn.sigmoid(h) if i == last else nn.relu(h)
   chex.assert_shape(h, (z.shape[0],) + SVHN_SHAPE)
   return h
+
+
+def _chain_forward(variants: tuple[str, ...], weights: Sequence[Array],
+                   biases: Sequence[Array], z: Array) -> list[Array]:
+  """Post-activations [a1, .., a4] of the matmul-form decoder (ReLU, ..., ReLU, sigmoid)."""
+  h = z.reshape(z.shape[0], 1, 1, z.shape[1])
+  acts = []
+  for i, (variant, w, b) in enumerate(zip(variants, weights, biases)):
+    y = matmul_forward(variant, h, w, b.shape[0]) + b
+    h = jax.nn.sigmoid(y) if i == len(variants) - 1 else jnp.maximum(y, 0.0)
+    acts.append(h)
+  return acts
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _decode_chain(variants: tuple[str, ...], keep_act3: bool, weights: Sequence[Array],
+                  biases: Sequence[Array], z: Array) -> Array:
+  """The matmul-form SVHN decoder with a hand-written backward pass: z (N, D) → (N, 32, 32, 3).
+
+  ``weights[i]`` is ``matmul_weight(variants[i], kernel_i)``. The backward pass keeps only the
+  outputs of layers 2 and 4 (and layer 3's if ``keep_act3``) and recomputes the rest: layer 1
+  (one small matmul) and, unless kept, layer 3 (one matmul from layer 2's output). Written as
+  one custom VJP because a ``jax.checkpoint`` policy cannot name the residuals of the layers'
+  own custom VJPs (ReLU/sigmoid backward passes read the output), so under a policy XLA
+  recomputed every layer's forward matmul.
+  """
+  return _chain_forward(variants, weights, biases, z)[-1]
+
+
+def _decode_chain_fwd(variants, keep_act3, weights, biases, z):
+  _, a2, a3, out = _chain_forward(variants, weights, biases, z)
+  return out, (weights, biases, z, a2, a3 if keep_act3 else None, out)
+
+
+def _decode_chain_bwd(variants, keep_act3, res, g):
+  weights, biases, z, a2, a3, out = res
+  x0 = z.reshape(z.shape[0], 1, 1, z.shape[1])
+  a1 = jnp.maximum(matmul_forward(variants[0], x0, weights[0], biases[0].shape[0]) + biases[0],
+                   0.0)
+  if a3 is None:
+    a3 = jnp.maximum(matmul_forward(variants[2], a2, weights[2], biases[2].shape[0])
+                     + biases[2], 0.0)
+  inputs, outputs = (x0, a1, a2, a3), (a1, a2, a3, out)
+  grad_w, grad_b = [None] * 4, [None] * 4
+  gy = g * out * (1.0 - out)  # sigmoid'
+  for i in reversed(range(4)):
+    if i < 3:
+      gy = jnp.where(outputs[i] > 0, gx, 0.0)  # ReLU' read from the output
+    grad_b[i] = jnp.sum(gy, axis=(0, 1, 2))
+    gx, grad_w[i] = matmul_backward(variants[i], inputs[i], weights[i], gy)
+  return type(weights)(grad_w), type(biases)(grad_b), gx.reshape(z.shape)
+
+
+_decode_chain.defvjp(_decode_chain_fwd, _decode_chain_bwd)
 
 
 def _map_in_chunks(fn: Callable[[Array], Array], x: Array, chunk_size: int) -> Array:
@@ -221,26 +241,24 @@ class SvhnDecoder(nn.Module):
       The matmul forms have hand-written backward passes (``jax.custom_vjp``): reverse-mode
       only; use "conv" for forward-mode differentiation (jvp, jacfwd).
     chunk_size: latents are decoded in ``lax.map`` chunks of at most this many (N is padded to
-      a multiple of the chunk length). With a matmul impl the decoder is also rematerialised
-      with a policy that keeps only the activations of layers 2-4 for the backward pass, so
-      the backward's temporaries are per chunk: at N = 7680 (K=30, B=128, two modalities) the
-      decoder's fwd+bwd needs ≈390 MB of XLA temporaries (remat="minimal"; ≈630 MB with
-      "activations") instead of ≈2.4 GB unchunked, and runs ≈10% faster.
+      a multiple of the chunk length), so that the backward pass's temporaries are per chunk:
+      with a matmul impl only the activations named by ``remat`` are kept across chunks.
       -1 (default): ``DEFAULT_CHUNK_SIZE`` with a matmul impl, no chunking with "conv";
       0: never chunk.
-    remat: which activations a matmul impl keeps for the backward pass (layer 1's output, one
-      small matmul away, is always recomputed). "minimal" (default): the outputs of layers 2
-      and 4; layer 3's (N·32 KiB, 240 MiB at N = 7680) is recomputed from layer 2's in the
-      backward pass: +17% decoder FLOPs but measured no slower (less memory traffic), and the
-      K=30, B=128 DReG training step (benchmarks/train_step.py) peaks at ≈1.3 GB RSS instead
-      of ≈1.6 GB.
-      "activations": keep the outputs of layers 2, 3 and 4.
+    remat: which activations a matmul impl keeps for its hand-written backward pass (layer 1's
+      output, one small matmul away, is always recomputed). "minimal": the outputs of layers
+      2 and 4; layer 3's (N·32 KiB) is recomputed from layer 2's (one more matmul per chunk).
+      "activations": the outputs of layers 2, 3 and 4. "auto" (default): "activations" while
+      layer 3's output fits in ``KEEP_ACT3_MAX_BYTES`` (N ≤ 4,096: K ≤ 16 at B = 128 with two
+      modalities), else "minimal". Measured with benchmarks/train_step.py (B = 128, DReG):
+      K = 10, "activations" 0.93-0.95 s/step vs "minimal" 0.95-0.97 s, +90 MB peak RSS; at
+      K = 30 "minimal" keeps the peak under the official code's 1.5 GB.
   """
   latent_dim: int = 20
   width: int = 32
   impl: str = "auto"
   chunk_size: int = -1
-  remat: str = "minimal"
+  remat: str = "auto"
 
   @nn.compact
   def __call__(self, z: Array) -> Array:
@@ -249,8 +267,8 @@ class SvhnDecoder(nn.Module):
     params = [ConvTransposeParams(chans[i], chans[i + 1], 4, name=f"deconv{i + 1}")()
               for i in range(4)]
     impl = resolve_impl(self.impl)
-    if self.remat not in REMAT_SAVED:
-      raise ValueError(f"remat={self.remat!r}; expected one of {tuple(REMAT_SAVED)}")
+    if self.remat not in REMAT_MODES:
+      raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_MODES}")
     zf, lead = _flatten_leading(z, 1)
     chunk_size = self.chunk_size
     if chunk_size < 0:
@@ -266,9 +284,22 @@ class SvhnDecoder(nn.Module):
 @functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "remat"))
 def _svhn_decoder_apply(params: Sequence[tuple[Array, Array]], z: Array, *, impl: str,
                         chunk_size: int, remat: str) -> Array:
-  """`_svhn_decode` (z (N, D) → mean (N, 32, 32, 3)) with its remat policy and chunking."""
-  fn = functools.partial(_svhn_decode, params, impl=impl)
-  if impl != "conv":
-    policy = jax.checkpoint_policies.save_only_these_names(*REMAT_SAVED[remat])
-    fn = jax.checkpoint(fn, policy=policy)
+  """The SVHN decoder z (N, D) → mean (N, 32, 32, 3), in chunks of ``chunk_size`` latents."""
+  if impl == "conv":
+    fn = functools.partial(_svhn_decode_conv, params)
+  else:
+    size = 1
+    variants = []
+    for i, (kernel, _) in enumerate(params):
+      stride, padding = (1, 0) if i == 0 else (2, 1)
+      variant = matmul_variant(size, size, kernel.shape, stride, padding, impl)
+      assert variant is not None, (i, kernel.shape, impl)
+      variants.append(variant)
+      size = conv_transpose_out_size(size, kernel.shape[0], stride, padding)
+    weights = tuple(matmul_weight(v, k) for v, (k, _) in zip(variants, params))
+    biases = tuple(b for _, b in params)
+    keep_act3 = remat == "activations" or (
+        remat == "auto" and z.shape[0] * 16 * 16 * params[2][0].shape[-1] * 4
+        <= KEEP_ACT3_MAX_BYTES)
+    fn = functools.partial(_decode_chain, tuple(variants), keep_act3, weights, biases)
   return _map_in_chunks(fn, z, chunk_size) if chunk_size else fn(z)

@@ -1,6 +1,8 @@
 """Tests of mmvae_jax.networks and mmvae_jax.layers (fast: tiny batches)."""
+import collections
 import functools
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -256,8 +258,9 @@ def _decoder_case():
 
 
 @pytest.mark.parametrize("impl,chunk_size,remat", [
-    ("matmul", -1, "minimal"), ("matmul", 5, "activations"), ("window", 0, "minimal"),
-    ("col2im", 4, "activations"), ("conv", -1, "minimal"), ("conv", 8, "minimal")])
+    ("matmul", -1, "minimal"), ("matmul", 5, "activations"), ("matmul", 4, "auto"),
+    ("window", 0, "minimal"), ("col2im", 4, "activations"), ("conv", -1, "minimal"),
+    ("conv", 8, "minimal")])
 def test_svhn_decoder_impls_match_reference(impl, chunk_size, remat):
   (params, z, target), (m_ref, g_ref) = _decoder_case()
   module = N.SvhnDecoder(D, impl=impl, chunk_size=chunk_size, remat=remat)
@@ -265,6 +268,34 @@ def test_svhn_decoder_impls_match_reference(impl, chunk_size, remat):
   m_got, g_got = _decoder_grads(apply, target, params, z)
   np.testing.assert_allclose(m_got, m_ref, **TOL)
   jax.tree_util.tree_map(_assert_close_scaled, g_got, g_ref)
+
+
+def _dot_output_shapes(hlo_text):
+  return collections.Counter(re.findall(r"= (f32\[[0-9,]+\])\{[0-9,]*\} dot\(", hlo_text))
+
+
+@pytest.mark.parametrize("remat,layer3_forwards", [("activations", 1), ("minimal", 2)])
+def test_svhn_decoder_backward_recomputes_only_what_remat_says(remat, layer3_forwards):
+  """Each layer's forward matmul runs once per chunk in fwd+bwd, except layer 3's under
+  "minimal" (recomputed from layer 2's output). A ``jax.checkpoint`` policy on named
+  activations recomputed all of them: the layers' custom VJPs keep unnamed residuals."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the matmul forms are the CPU path")
+  n = 6  # latents per chunk (no shape collides with a weight gradient); two chunks, so that XLA cannot merge forward and recomputation
+  module = N.SvhnDecoder(D, impl="matmul", chunk_size=n, remat=remat)
+  params = _init(module, jnp.zeros((1, D)))
+  loss = lambda p, z: jnp.sum(module.apply({"params": p}, z) ** 2)
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, _randn(5, (2 * n, D))).compile()
+  dots = _dot_output_shapes(hlo.as_text())
+  # Forward outputs: layer 2 col2im (N·4·4, 16·64), layer 3 window (N·9·9, 4·32),
+  # layer 4 col2im (N·16·16, 16·3).
+  assert dots[f"f32[{n * 16},1024]"] == 1, dots
+  assert dots[f"f32[{n * 81},128]"] == layer3_forwards, dots
+  assert dots[f"f32[{n * 256},48]"] == 1, dots
+
+
+def test_svhn_decoder_auto_remat_keeps_layer3_for_small_n():
+  assert N.KEEP_ACT3_MAX_BYTES // (16 * 16 * 32 * 4) == 4096  # N ≤ 4096 keeps layer 3
 
 
 def test_svhn_decoder_under_jit_and_sharding():
@@ -339,7 +370,7 @@ def test_conv_transpose_matches_pytorch_definition(h, w, stride, padding, impl):
 # (4, 4, 1, 0): a 4×4 kernel covering the whole map, like the SVHN encoder's heads.
 @pytest.mark.parametrize("h,w,stride,padding", [(8, 9, 2, 1), (4, 5, 1, 0), (5, 6, 1, 2),
                                                 (4, 4, 1, 0)])
-@pytest.mark.parametrize("impl", ["conv", "im2col"])
+@pytest.mark.parametrize("impl", ["conv", "im2col", "s2d"])
 def test_conv2d_matches_pytorch_definition(h, w, stride, padding, impl):
   rng = np.random.default_rng(h + w)
   c_in, c_out = 3, 6
@@ -355,23 +386,40 @@ def test_conv2d_matches_pytorch_definition(h, w, stride, padding, impl):
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5)
 
 
-def test_conv2d_im2col_gradients_match_conv():
-  """The SVHN encoder's first layer (3→32, 4, 2, 1): im2col and XLA conv agree in value and in
-  the gradients for the kernel, the bias and the input."""
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.uniform(size=(3, 32, 32, 3)), jnp.float32)
-  kernel = jnp.asarray(rng.uniform(-0.2, 0.2, (4, 4, 3, 32)), jnp.float32)
-  bias = jnp.asarray(rng.uniform(-0.2, 0.2, (32,)), jnp.float32)
-  cot = jnp.asarray(rng.standard_normal((3, 16, 16, 32)), jnp.float32)
+@pytest.mark.parametrize("c_in,c_out,size", [(3, 32, 32), (32, 64, 16), (64, 128, 8)])
+def test_conv2d_matmul_forms_gradients_match_conv(c_in, c_out, size):
+  """The SVHN encoder's (4, 2, 1) layers: im2col, s2d and the XLA convolution agree in value
+  and in the gradients for the kernel, the bias and the input."""
+  rng = np.random.default_rng(c_in)
+  x = jnp.asarray(rng.uniform(size=(3, size, size, c_in)), jnp.float32)
+  kernel = jnp.asarray(rng.uniform(-0.2, 0.2, (4, 4, c_in, c_out)), jnp.float32)
+  bias = jnp.asarray(rng.uniform(-0.2, 0.2, (c_out,)), jnp.float32)
+  cot = jnp.asarray(rng.standard_normal((3, size // 2, size // 2, c_out)), jnp.float32)
 
   def grads(impl):
     f = lambda x, k, b: jnp.sum(cot * L.conv2d(x, k, b, stride=2, padding=1, impl=impl))
     return jax.grad(f, argnums=(0, 1, 2))(x, kernel, bias)
 
-  for got, want in zip(grads("im2col"), grads("conv")):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-  assert L.resolve_conv_impl("auto", (4, 4, 3, 32)) == "im2col"  # CPU, 48-feature patches
-  assert L.resolve_conv_impl("auto", (4, 4, 32, 64)) == "conv"
+  want = grads("conv")
+  for impl in ("im2col", "s2d"):
+    for got, ref in zip(grads(impl), want):
+      _assert_close_scaled(got, ref)
+
+
+def test_resolve_conv_impl():
+  cpu = jax.default_backend() == "cpu"
+  first = L.resolve_conv_impl("auto", (4, 4, 3, 32), stride=2, padding=1, input_hw=(32, 32))
+  assert first == ("s2d" if cpu else "conv")  # 48-feature patches
+  assert L.resolve_conv_impl("auto", (4, 4, 3, 32), stride=2, padding=1,
+                             input_hw=(31, 32)) == ("im2col" if cpu else "conv")  # odd map
+  assert L.resolve_conv_impl("auto", (4, 4, 32, 64), stride=2, padding=1,
+                             input_hw=(16, 16)) == "conv"
+  head = L.resolve_conv_impl("auto", (4, 4, 128, 20), input_hw=(4, 4))  # whole-map head
+  assert head == ("im2col" if cpu else "conv")
+  assert L.resolve_conv_impl("s2d", (3, 3, 8, 8), stride=1, padding=1) == "conv"
+  x, kernel, bias = jnp.zeros((1, 8, 8, 3)), jnp.zeros((4, 4, 3, 32)), jnp.zeros((32,))
+  with pytest.raises(ValueError, match="even height and width"):
+    L.conv2d_s2d(x[:, :7], kernel, bias)
   with pytest.raises(ValueError, match="unknown convolution impl"):
     L.conv2d(x, kernel, bias, stride=2, padding=1, impl="fft")
 
