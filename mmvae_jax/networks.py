@@ -43,7 +43,7 @@ ETA = 1e-6  # clamp of the MNIST decoder's mean (official Constants.eta)
 
 # Latents per lax.map chunk of the SVHN decoder in its matmul form (chunk_size=-1); 256-512
 # measured fastest on the 2-core CPU at N = 7680 (1024: +10% time, +115 MB).
-DEFAULT_CHUNK_SIZE = 512
+DEFAULT_CHUNK_SIZE = 64
 # Remat policies of the matmul SVHN decoder: names of the activations kept for the backward pass.
 REMAT_MODES = ("auto", "minimal", "activations")
 # remat="auto" keeps layer 3's output (N·16·16·32 float32) while it fits in this many bytes.
@@ -167,28 +167,9 @@ def _chain_forward(variants: tuple[str, ...], weights: Sequence[Array],
   return acts
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _decode_chain(variants: tuple[str, ...], keep_act3: bool, weights: Sequence[Array],
-                  biases: Sequence[Array], z: Array) -> Array:
-  """The matmul-form SVHN decoder with a hand-written backward pass: z (N, D) → (N, 32, 32, 3).
-
-  ``weights[i]`` is ``matmul_weight(variants[i], kernel_i)``. The backward pass keeps only the
-  outputs of layers 2 and 4 (and layer 3's if ``keep_act3``) and recomputes the rest: layer 1
-  (one small matmul) and, unless kept, layer 3 (one matmul from layer 2's output). Written as
-  one custom VJP because a ``jax.checkpoint`` policy cannot name the residuals of the layers'
-  own custom VJPs (ReLU/sigmoid backward passes read the output), so under a policy XLA
-  recomputed every layer's forward matmul.
-  """
-  return _chain_forward(variants, weights, biases, z)[-1]
-
-
-def _decode_chain_fwd(variants, keep_act3, weights, biases, z):
-  _, a2, a3, out = _chain_forward(variants, weights, biases, z)
-  return out, (weights, biases, z, a2, a3 if keep_act3 else None, out)
-
-
-def _decode_chain_bwd(variants, keep_act3, res, g):
-  weights, biases, z, a2, a3, out = res
+def _chain_backward(variants: tuple[str, ...], weights: Sequence[Array], biases: Sequence[Array],
+                    z: Array, a2: Array, a3: Array | None, out: Array, g: Array):
+  """VJP of the matmul-form decoder on one chunk from its kept activations: (gw, gb, gz)."""
   x0 = z.reshape(z.shape[0], 1, 1, z.shape[1])
   a1 = jnp.maximum(matmul_forward(variants[0], x0, weights[0], biases[0].shape[0]) + biases[0],
                    0.0)
@@ -203,7 +184,71 @@ def _decode_chain_bwd(variants, keep_act3, res, g):
       gy = jnp.where(outputs[i] > 0, gx, 0.0)  # ReLU' read from the output
     grad_b[i] = jnp.sum(gy, axis=(0, 1, 2))
     gx, grad_w[i] = matmul_backward(variants[i], inputs[i], weights[i], gy)
-  return type(weights)(grad_w), type(biases)(grad_b), gx.reshape(z.shape)
+  return tuple(grad_w), tuple(grad_b), gx.reshape(z.shape)
+
+
+def _chunk_layout(n: int, chunk_size: int) -> tuple[int, int]:
+  """(number of chunks, chunk length): ≈equal chunks of at most `chunk_size` (0: one chunk)."""
+  num_chunks = max(1, -(-n // chunk_size)) if chunk_size else 1
+  return num_chunks, -(-n // num_chunks)
+
+
+def _to_chunks(x: Array, num_chunks: int, length: int) -> Array:
+  """(N, ...) → (num_chunks, length, ...), zero-padded at the end."""
+  pad = num_chunks * length - x.shape[0]
+  if pad:
+    x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
+  return x.reshape((num_chunks, length) + x.shape[1:])
+
+
+def _from_chunks(x: Array, n: int) -> Array:
+  x = x.reshape((-1,) + x.shape[2:])
+  return x[:n] if x.shape[0] != n else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _decode_chain(variants: tuple[str, ...], keep_act3: bool, chunk_size: int,
+                  weights: Sequence[Array], biases: Sequence[Array], z: Array) -> Array:
+  """The matmul-form SVHN decoder with a hand-written backward pass: z (N, D) → (N, 32, 32, 3).
+
+  ``weights[i]`` is ``matmul_weight(variants[i], kernel_i)``. Latents are decoded in chunks of
+  at most ``chunk_size`` (0: one chunk) by a ``lax.map``; the backward pass is a ``lax.scan``
+  over the same chunks that accumulates the weight gradients. Kept for the backward pass: the
+  outputs of layers 2 and 4 (and layer 3's if ``keep_act3``); layer 1 (one small matmul) and,
+  unless kept, layer 3 (one matmul from layer 2's output) are recomputed per chunk.
+
+  One custom VJP for the whole decoder, because a ``jax.checkpoint`` policy cannot name the
+  residuals of the layers' own custom VJPs (the ReLU/sigmoid backward passes read the output):
+  under a policy XLA recomputed every layer's forward matmul, and scan's autodiff stacked the
+  output twice (as output and as residual).
+  """
+  return _decode_chain_fwd(variants, keep_act3, chunk_size, weights, biases, z)[0]
+
+
+def _decode_chain_fwd(variants, keep_act3, chunk_size, weights, biases, z):
+  n = z.shape[0]
+  zc = _to_chunks(z, *_chunk_layout(n, chunk_size))
+
+  def chunk(zi):
+    _, a2, a3, out = _chain_forward(variants, weights, biases, zi)
+    return a2, (a3 if keep_act3 else None), out
+
+  a2, a3, out = lax.map(chunk, zc)
+  return _from_chunks(out, n), (weights, biases, zc, a2, a3, out)
+
+
+def _decode_chain_bwd(variants, keep_act3, chunk_size, res, g):
+  weights, biases, zc, a2, a3, out = res
+  gc = _to_chunks(g, zc.shape[0], zc.shape[1])  # padding rows get a zero cotangent
+
+  def chunk(acc, xs):
+    zi, a2i, a3i, outi, gi = xs
+    gw, gb, gz = _chain_backward(variants, weights, biases, zi, a2i, a3i, outi, gi)
+    return jax.tree_util.tree_map(jnp.add, acc, (gw, gb)), gz
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, (tuple(weights), tuple(biases)))
+  (gw, gb), gz = lax.scan(chunk, zeros, (zc, a2, a3, out, gc))
+  return type(weights)(gw), type(biases)(gb), _from_chunks(gz, g.shape[0])
 
 
 _decode_chain.defvjp(_decode_chain_fwd, _decode_chain_bwd)
@@ -301,5 +346,5 @@ def _svhn_decoder_apply(params: Sequence[tuple[Array, Array]], z: Array, *, impl
     keep_act3 = remat == "activations" or (
         remat == "auto" and z.shape[0] * 16 * 16 * params[2][0].shape[-1] * 4
         <= KEEP_ACT3_MAX_BYTES)
-    fn = functools.partial(_decode_chain, tuple(variants), keep_act3, weights, biases)
+    return _decode_chain(tuple(variants), keep_act3, chunk_size, weights, biases, z)
   return _map_in_chunks(fn, z, chunk_size) if chunk_size else fn(z)
