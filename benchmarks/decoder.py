@@ -3,7 +3,7 @@
   python benchmarks/decoder.py --json                      # conv vs matmul, N = 7680 latents
   python benchmarks/decoder.py --json --impl matmul --n 3840 --repeats 5
   python benchmarks/decoder.py --json --step               # + an MMVAE-like training step
-  python benchmarks/decoder.py --json --remat activations  # SvhnDecoder.remat / chunk_size
+  python benchmarks/decoder.py --json --remat minimal --chunk-size 512  # SvhnDecoder options
 
 Prints one JSON object:
   decoder[impl]:  whole SvhnDecoder on (N, D) latents, value_and_grad of a Laplace-like loss
@@ -182,7 +182,7 @@ def main():
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--latent-dim", type=int, default=20)
   p.add_argument("--chunk-size", type=int, default=-1, help="SvhnDecoder.chunk_size")
-  p.add_argument("--remat", default="minimal", help="SvhnDecoder.remat (minimal, activations)")
+  p.add_argument("--remat", default="auto", help="SvhnDecoder.remat (auto, minimal, activations)")
   p.add_argument("--layer-variants", default=",".join(LAYER_VARIANTS),
                  help="comma list of per-layer variants (conv, window, col2im); empty: skip")
   p.add_argument("--step", action="store_true", help="also time a proxy MMVAE training step")

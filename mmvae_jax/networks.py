@@ -41,10 +41,10 @@ MNIST_SHAPE = (28, 28, 1)
 SVHN_SHAPE = (32, 32, 3)
 ETA = 1e-6  # clamp of the MNIST decoder's mean (official Constants.eta)
 
-# Latents per lax.map chunk of the SVHN decoder in its matmul form (chunk_size=-1); 256-512
-# measured fastest on the 2-core CPU at N = 7680 (1024: +10% time, +115 MB).
+# Latents per chunk of the SVHN decoder in its matmul form (chunk_size=-1): the fastest on the
+# 2-core CPU at K = 1, 10 and 30 (see `SvhnDecoder.chunk_size`).
 DEFAULT_CHUNK_SIZE = 64
-# Remat policies of the matmul SVHN decoder: names of the activations kept for the backward pass.
+# What the matmul SVHN decoder keeps for its backward pass (see `SvhnDecoder.remat`).
 REMAT_MODES = ("auto", "minimal", "activations")
 # remat="auto" keeps layer 3's output (N·16·16·32 float32) while it fits in this many bytes.
 KEEP_ACT3_MAX_BYTES = 128 << 20
@@ -285,19 +285,23 @@ class SvhnDecoder(nn.Module):
       "window" or "col2im" (force one matmul form), "auto" (matmul on CPU, conv elsewhere).
       The matmul forms have hand-written backward passes (``jax.custom_vjp``): reverse-mode
       only; use "conv" for forward-mode differentiation (jvp, jacfwd).
-    chunk_size: latents are decoded in ``lax.map`` chunks of at most this many (N is padded to
-      a multiple of the chunk length), so that the backward pass's temporaries are per chunk:
-      with a matmul impl only the activations named by ``remat`` are kept across chunks.
-      -1 (default): ``DEFAULT_CHUNK_SIZE`` with a matmul impl, no chunking with "conv";
-      0: never chunk.
+    chunk_size: latents are decoded in chunks of at most this many (N is padded to a
+      multiple of the chunk length): a ``lax.map`` forward and, with a matmul impl, a
+      ``lax.scan`` backward, so that temporaries are per chunk and only the activations
+      named by ``remat`` are kept across chunks. -1 (default): ``DEFAULT_CHUNK_SIZE`` (64)
+      with a matmul impl, no chunking with "conv"; 0: never chunk. Small chunks keep each
+      layer's working set in cache: benchmarks/train_step.py at K = 10 (B = 128, DReG) took
+      0.90 s/step with chunks of 512, 0.81 s with 128, 0.75 s with 64, 0.75-0.79 s with 32;
+      at K = 1, 0.14-0.15 s (512) vs 0.115-0.12 s (64); larger chunks were slower still
+      (1.02 s unchunked at K = 10).
     remat: which activations a matmul impl keeps for its hand-written backward pass (layer 1's
       output, one small matmul away, is always recomputed). "minimal": the outputs of layers
       2 and 4; layer 3's (N·32 KiB) is recomputed from layer 2's (one more matmul per chunk).
       "activations": the outputs of layers 2, 3 and 4. "auto" (default): "activations" while
       layer 3's output fits in ``KEEP_ACT3_MAX_BYTES`` (N ≤ 4,096: K ≤ 16 at B = 128 with two
-      modalities), else "minimal". Measured with benchmarks/train_step.py (B = 128, DReG):
-      K = 10, "activations" 0.93-0.95 s/step vs "minimal" 0.95-0.97 s, +90 MB peak RSS; at
-      K = 30 "minimal" keeps the peak under the official code's 1.5 GB.
+      modalities), else "minimal". Measured with benchmarks/train_step.py (B = 128, DReG,
+      chunks of 512): K = 10, "activations" 0.93-0.95 s/step vs "minimal" 0.95-0.97 s, +90 MB
+      peak RSS; at K = 30 "minimal" keeps the peak under the official code's 1.5 GB.
   """
   latent_dim: int = 20
   width: int = 32
