@@ -313,8 +313,7 @@ def conv_transpose_from_1x1(x: Array, kernel: Array, bias: Array) -> Array:
     chex.assert_shape(x, (None, 1, 1, c_in))
     x = x.reshape(x.shape[0], c_in)
   chex.assert_shape(x, (None, c_in))
-  w = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c_in, kh * kw * c_out)
-  y = jnp.dot(x, w).reshape(x.shape[0], kh, kw, c_out)
+  y = jnp.dot(x, matmul_weight("1x1", kernel)).reshape(x.shape[0], kh, kw, c_out)
   return y + bias
 
 
@@ -512,20 +511,16 @@ def conv_transpose(x: Array, kernel: Array, bias: Array, *, stride: int, padding
     (N, s(H−1)+k−2p, s(W−1)+k−2p, C_out).
   """
   chex.assert_rank(x, 4)
-  kh, kw, c_in, c_out = kernel.shape
+  _, _, c_in, c_out = kernel.shape
   chex.assert_shape(x, (None, None, None, c_in))
   chex.assert_shape(bias, (c_out,))
-  impl = resolve_impl(impl)
-  h, w = x.shape[1:3]
-  if impl != "conv":
-    if h == 1 and w == 1 and padding == 0:
-      return conv_transpose_from_1x1(x, kernel, bias)
-    if (kh, kw, stride, padding) == (4, 4, 2, 1):
-      if impl == "matmul":
-        impl = choose_matmul_variant(h, w, c_in, c_out)
-      if impl == "window":
-        return conv_transpose_window(x, kernel, bias)
-      return conv_transpose_col2im(x, kernel, bias)
+  variant = matmul_variant(x.shape[1], x.shape[2], kernel.shape, stride, padding, impl)
+  if variant == "1x1":
+    return conv_transpose_from_1x1(x, kernel, bias)
+  if variant == "window":
+    return conv_transpose_window(x, kernel, bias)
+  if variant == "col2im":
+    return conv_transpose_col2im(x, kernel, bias)
   return conv_transpose_lax(x, kernel, bias, stride=stride, padding=padding)
 
 

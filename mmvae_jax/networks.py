@@ -222,7 +222,8 @@ def _decode_chain(variants: tuple[str, ...], keep_act3: bool, chunk_size: int,
   under a policy XLA recomputed every layer's forward matmul, and scan's autodiff stacked the
   output twice (as output and as residual).
   """
-  return _decode_chain_fwd(variants, keep_act3, chunk_size, weights, biases, z)[0]
+  forward = lambda zi: _chain_forward(variants, weights, biases, zi)[-1]
+  return _map_in_chunks(forward, z, chunk_size)
 
 
 def _decode_chain_fwd(variants, keep_act3, chunk_size, weights, biases, z):
@@ -255,21 +256,14 @@ _decode_chain.defvjp(_decode_chain_fwd, _decode_chain_bwd)
 
 
 def _map_in_chunks(fn: Callable[[Array], Array], x: Array, chunk_size: int) -> Array:
-  """fn over x (N, ...) in ≈equal chunks of at most `chunk_size` rows (``lax.map``).
+  """fn over x (N, ...) in ≈equal chunks of at most `chunk_size` rows (``lax.map``; 0: one call).
 
   N is zero-padded up to a multiple of the chunk length; the padding rows are dropped.
   """
-  n = x.shape[0]
-  num_chunks = -(-n // chunk_size)
-  if num_chunks <= 1:
+  num_chunks, length = _chunk_layout(x.shape[0], chunk_size)
+  if num_chunks == 1:
     return fn(x)
-  length = -(-n // num_chunks)
-  pad = num_chunks * length - n
-  if pad:
-    x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
-  out = lax.map(fn, x.reshape((num_chunks, length) + x.shape[1:]))
-  out = out.reshape((num_chunks * length,) + out.shape[2:])
-  return out[:n] if pad else out
+  return _from_chunks(lax.map(fn, _to_chunks(x, num_chunks, length)), x.shape[0])
 
 
 class SvhnDecoder(nn.Module):
@@ -338,17 +332,17 @@ def _svhn_decoder_apply(params: Sequence[tuple[Array, Array]], z: Array, *, impl
     fn = functools.partial(_svhn_decode_conv, params)
   else:
     size = 1
-    variants = []
+    variants, sizes = [], []
     for i, (kernel, _) in enumerate(params):
       stride, padding = (1, 0) if i == 0 else (2, 1)
       variant = matmul_variant(size, size, kernel.shape, stride, padding, impl)
       assert variant is not None, (i, kernel.shape, impl)
       variants.append(variant)
       size = conv_transpose_out_size(size, kernel.shape[0], stride, padding)
+      sizes.append(size)
     weights = tuple(matmul_weight(v, k) for v, (k, _) in zip(variants, params))
     biases = tuple(b for _, b in params)
-    keep_act3 = remat == "activations" or (
-        remat == "auto" and z.shape[0] * 16 * 16 * params[2][0].shape[-1] * 4
-        <= KEEP_ACT3_MAX_BYTES)
+    act3_bytes = z.shape[0] * sizes[2] ** 2 * biases[2].shape[0] * z.dtype.itemsize
+    keep_act3 = remat == "activations" or (remat == "auto" and act3_bytes <= KEEP_ACT3_MAX_BYTES)
     return _decode_chain(tuple(variants), keep_act3, chunk_size, weights, biases, z)
-  return _map_in_chunks(fn, z, chunk_size) if chunk_size else fn(z)
+  return _map_in_chunks(fn, z, chunk_size)
