@@ -89,6 +89,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_examples", 8, "Example captions written to samples.txt.")
   flags.DEFINE_enum("decoder_impl", "auto", ["auto", "matmul", "conv"],
                     "Transposed-convolution formulation of the sentence decoder.")
+  cli.define_retain_host_memory_flag()
 
 
 def _fail(msg: str, code: int = 2):
@@ -399,6 +400,7 @@ def evaluate_table4(workdir: str, *, step: int = -1, seed: int = -1, batch_size:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.apply_retain_host_memory_flag()
   import jax
   from mmvae_jax import networks_cub, train
   from mmvae_jax.data import captions as cap

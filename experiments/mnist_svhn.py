@@ -60,13 +60,13 @@ flags.DEFINE_integer("log_every", 10, "Steps between metric logs.")
 flags.DEFINE_enum("decoder_impl", "auto", ["auto", "matmul", "conv"],
                   "SVHN decoder formulation: matmul (fast on CPU), conv (XLA convolutions, "
                   "fast on GPU/TPU), auto picks by backend.")
-
-
+cli.define_retain_host_memory_flag()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.apply_retain_host_memory_flag()
   import jax
   from mmvae_jax import data, model as model_lib, train
 

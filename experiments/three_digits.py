@@ -70,6 +70,7 @@ flags.DEFINE_integer("log_every", 10, "Steps between metric logs.")
 flags.DEFINE_boolean("figures", True, "Save generation/reconstruction PNGs at each epoch end.")
 flags.DEFINE_enum("decoder_impl", "auto", ["auto", "matmul", "conv"],
                   "SVHN-CNN decoder formulation: matmul (fast on CPU), conv (GPU/TPU), auto.")
+cli.define_retain_host_memory_flag()
 
 NAMES = ("mnist", "usps_colour", "usps")
 
@@ -110,11 +111,10 @@ def _fail(msg: str, code: int = 2):
   cli.fail(PROG, msg, code)
 
 
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.apply_retain_host_memory_flag()
   import jax
   from mmvae_jax import data, train
 

@@ -28,3 +28,19 @@ def flags_parser(prog: str, flag_values: flags.FlagValues = flags.FLAGS
       fail(prog, str(e))
 
   return parse
+
+
+def define_retain_host_memory_flag(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """``--retain_host_memory`` (default on): see `mmvae_jax.hostmem.retain_freed_memory`."""
+  flags.DEFINE_boolean(
+      "retain_host_memory", True,
+      "Keep freed host memory for reuse (glibc malloc settings), so that XLA:CPU's per-step "
+      "buffers are not page-faulted in again every step; --noretain_host_memory: glibc's "
+      "defaults.", flag_values=flag_values)
+
+
+def apply_retain_host_memory_flag(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Applies ``--retain_host_memory``; call first in ``main``, before JAX creates its threads."""
+  if flag_values.retain_host_memory:
+    from mmvae_jax import hostmem
+    hostmem.retain_freed_memory()

@@ -43,7 +43,7 @@ ETA = 1e-6  # clamp of the MNIST decoder's mean (official Constants.eta)
 
 # Latents per chunk of the SVHN decoder in its matmul form (chunk_size=-1): the fastest on the
 # 2-core CPU at K = 1, 10 and 30 (see `SvhnDecoder.chunk_size`).
-DEFAULT_CHUNK_SIZE = 64
+DEFAULT_CHUNK_SIZE = 32
 # What the matmul SVHN decoder keeps for its backward pass (see `SvhnDecoder.remat`).
 REMAT_MODES = ("auto", "minimal", "activations")
 # remat="auto" keeps layer 3's output (N·16·16·32 float32) while it fits in this many bytes.
@@ -282,12 +282,14 @@ class SvhnDecoder(nn.Module):
     chunk_size: latents are decoded in chunks of at most this many (N is padded to a
       multiple of the chunk length): a ``lax.map`` forward and, with a matmul impl, a
       ``lax.scan`` backward, so that temporaries are per chunk and only the activations
-      named by ``remat`` are kept across chunks. -1 (default): ``DEFAULT_CHUNK_SIZE`` (64)
+      named by ``remat`` are kept across chunks. -1 (default): ``DEFAULT_CHUNK_SIZE`` (32)
       with a matmul impl, no chunking with "conv"; 0: never chunk. Small chunks keep each
       layer's working set in cache: benchmarks/train_step.py at K = 10 (B = 128, DReG) took
       0.90 s/step with chunks of 512, 0.81 s with 128, 0.75 s with 64, 0.75-0.79 s with 32;
       at K = 1, 0.14-0.15 s (512) vs 0.115-0.12 s (64); larger chunks were slower still
-      (1.02 s unchunked at K = 10).
+      (1.02 s unchunked at K = 10). With every layer in col2im form and freed host memory
+      retained (`mmvae_jax.hostmem`), interleaved in one process: K = 1, 102.6 ms (32) vs
+      102.8 ms (64) vs 110.1 ms (128); K = 10, 736 ms (32) vs 749 ms (64).
     remat: which activations a matmul impl keeps for its hand-written backward pass (layer 1's
       output, one small matmul away, is always recomputed). "minimal": the outputs of layers
       2 and 4; layer 3's (N·32 KiB) is recomputed from layer 2's (one more matmul per chunk).

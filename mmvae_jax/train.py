@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -163,9 +164,21 @@ def jit_train_step(train_step, mesh):
                  donate_argnums=(0,))
 
 
+@functools.lru_cache(maxsize=8)
+def _seed_key(seed: int) -> jax.Array:
+  return jax.random.key(seed)
+
+
+_fold_in = jax.jit(jax.random.fold_in)
+
+
 def step_key(seed: int, step: int) -> jax.Array:
-  """The PRNG key of global step `step`: a pure function of (seed, step) for exact resumes."""
-  return jax.random.fold_in(jax.random.key(seed), step)
+  """The PRNG key of global step `step`: a pure function of (seed, step) for exact resumes.
+
+  ``fold_in(key(seed), step)``, with the seed's key cached and the fold compiled: one dispatch
+  (≈0.01 ms) instead of two eager ops (≈0.85 ms, about 1% of a K = 1 step on the 2-core CPU).
+  """
+  return _fold_in(_seed_key(seed), step)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -287,10 +287,10 @@ def test_svhn_decoder_backward_recomputes_only_what_remat_says(remat, layer3_for
   loss = lambda p, z: jnp.sum(module.apply({"params": p}, z) ** 2)
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, _randn(5, (2 * n, D))).compile()
   dots = _dot_output_shapes(hlo.as_text())
-  # Forward outputs: layer 2 col2im (N·4·4, 16·64), layer 3 window (N·9·9, 4·32),
-  # layer 4 col2im (N·16·16, 16·3).
+  # Forward outputs (col2im, C_in → 16·C_out): layer 2 (N·4·4, 16·64), layer 3 (N·8·8, 16·32),
+  # layer 4 (N·16·16, 16·3).
   assert dots[f"f32[{n * 16},1024]"] == 1, dots
-  assert dots[f"f32[{n * 81},128]"] == layer3_forwards, dots
+  assert dots[f"f32[{n * 64},512]"] == layer3_forwards, dots
   assert dots[f"f32[{n * 256},48]"] == 1, dots
 
 

@@ -154,3 +154,10 @@ def test_flag_validation_one_line(args, needle, tmp_path):
   err_lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
   assert len(err_lines) == 1, proc.stderr
   assert needle in err_lines[0], proc.stderr
+
+
+def test_step_key_is_fold_in_of_the_seed_key():
+  for seed, step in [(0, 0), (5, 7), (1, 123456), (2**40, 3)]:
+    want = jax.random.fold_in(jax.random.key(seed), step)
+    np.testing.assert_array_equal(jax.random.key_data(train.step_key(seed, step)),
+                                  jax.random.key_data(want))
