@@ -105,9 +105,12 @@ class Dense(nn.Module):
 # Convolutions (PyTorch Conv2d semantics, NHWC)
 # ------------------------------------------------------------------------------------------------
 
-CONV_IMPLS = ("auto", "conv", "im2col", "s2d")
+CONV_IMPLS = ("auto", "conv", "im2col", "s2d", "conv_s2d")
 # "auto" uses a matmul form on XLA:CPU when a patch has at most this many features (kh·kw·C_in).
 IM2COL_MAX_PATCH = 64
+# ... and, for 4×4 stride-2 layers, XLA's forward convolution with space-to-depth gradients
+# ("conv_s2d") up to this many (the SVHN encoder's conv2, 4×4×32; conv3, 4×4×64, stays "conv").
+CONV_S2D_MAX_PATCH = 512
 
 
 def conv2d_lax(x: Array, kernel: Array, bias: Array, *, stride: int, padding: int) -> Array:
@@ -155,6 +158,42 @@ def _s2d_patches(x: Array) -> Array:
   return _windows_2x2(_pad_space_to_depth(x))
 
 
+# 16·C_in at or below which the weight gradient of the space-to-depth forms multiplies the
+# patches in their natural (row-per-output-pixel) layout; above it, in channel-major layout.
+# XLA:CPU's matmul contracting over a long leading axis (patchesᵀ · g, 8,192 × 512 at the
+# SVHN encoder's conv2) ran at 60 GFLOP/s; built channel-major it is a plain matmul: conv2's
+# weight gradient 23 ms → 5.6 ms at B = 128 (XLA's own: 8.1 ms); 4×4×3 patches: 1.05 vs
+# 1.6 ms, row-major stays.
+S2D_ROW_MAJOR_MAX_PATCH = 64
+
+
+def _s2d_input_grad(g: Array, wm: Array, c_in: int) -> Array:
+  """Input gradient of the space-to-depth conv: g (N, H/2, W/2, C_out) → (N, H, W, C_in).
+
+  The adjoint of the forward's copies: a (C_out → 16·C_in) matmul, the overlap-add of 2×2
+  windows, depth-to-space and the one-pixel crop (no zero-padded partial sums).
+  """
+  return _depth_to_space_crop(_overlap_add_2x2(jnp.dot(g, wm.T)), c_in)
+
+
+def _s2d_weight_grad(x: Array, g: Array) -> Array:
+  """Gradient of the (16·C_in, C_out) space-to-depth matrix: patchesᵀ · g.
+
+  x: (N, H, W, C_in); g: (N, H/2, W/2, C_out). Thin patches are built as in the forward pass;
+  wider ones channel-major ((16·C_in, N·H/2·W/2), from one transpose of the space-to-depth
+  input and four slices) so that the product is a plain row-major matmul (see
+  ``S2D_ROW_MAJOR_MAX_PATCH``).
+  """
+  c_in, c_out = x.shape[-1], g.shape[-1]
+  if 16 * c_in <= S2D_ROW_MAJOR_MAX_PATCH:
+    return _weight_grad(_s2d_patches(x), g)
+  h2, w2 = x.shape[1] // 2, x.shape[2] // 2
+  blocks = _pad_space_to_depth(x).transpose(3, 0, 1, 2)  # (4·C_in, N, H/2+1, W/2+1)
+  patches_t = jnp.concatenate(
+      [blocks[:, :, dy:dy + h2, dx:dx + w2] for dy in (0, 1) for dx in (0, 1)], axis=0)
+  return jnp.dot(patches_t.reshape(16 * c_in, -1), g.reshape(-1, c_out))
+
+
 @jax.custom_vjp
 def _s2d_matmul(x: Array, wm: Array) -> Array:
   """x (N, H, W, C_in), wm = s2d_weight(kernel) → (N, H/2, W/2, C_out), no bias."""
@@ -166,12 +205,9 @@ def _s2d_matmul_fwd(x, wm):
 
 
 def _s2d_matmul_bwd(res, g):
-  # Adjoints: windows → overlap-add, pad + space-to-depth → depth-to-space + crop. The patch
-  # matrix (4x the input) is rebuilt here rather than kept from the forward pass.
+  # The patch matrix (4x the input) is rebuilt here rather than kept from the forward pass.
   x, wm = res
-  c_in = x.shape[-1]
-  gx = _depth_to_space_crop(_overlap_add_2x2(jnp.dot(g, wm.T)), c_in)
-  return gx, _weight_grad(_s2d_patches(x), g)
+  return _s2d_input_grad(g, wm, x.shape[-1]), _s2d_weight_grad(x, g)
 
 
 _s2d_matmul.defvjp(_s2d_matmul_fwd, _s2d_matmul_bwd)
@@ -191,35 +227,89 @@ def conv2d_s2d(x: Array, kernel: Array, bias: Array) -> Array:
   Returns:
     (N, H/2, W/2, C_out).
   """
+  _check_s2d_input(x)
+  return _s2d_matmul(x, s2d_weight(kernel)) + bias
+
+
+def _check_s2d_input(x: Array) -> None:
   chex.assert_rank(x, 4)
   if x.shape[1] % 2 or x.shape[2] % 2:
-    raise ValueError(f"conv2d_s2d needs an even height and width, got {x.shape[1:3]}")
-  return _s2d_matmul(x, s2d_weight(kernel)) + bias
+    raise ValueError(f"the space-to-depth convolution needs an even height and width, "
+                     f"got {x.shape[1:3]}")
+
+
+@jax.custom_vjp
+def _conv_s2d_grad(x: Array, kernel: Array) -> Array:
+  """Conv2d(4, 2, 1) without bias: XLA's convolution forward, space-to-depth matmul backward."""
+  return lax.conv_general_dilated(x, kernel, window_strides=(2, 2), padding=((1, 1), (1, 1)),
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv_s2d_grad_fwd(x, kernel):
+  return _conv_s2d_grad(x, kernel), (x, kernel)
+
+
+def _conv_s2d_grad_bwd(res, g):
+  x, kernel = res
+  wm, pull_back = jax.vjp(s2d_weight, kernel)  # s2d_weight is a permutation of the taps
+  (grad_kernel,) = pull_back(_s2d_weight_grad(x, g))
+  return _s2d_input_grad(g, wm, x.shape[-1]), grad_kernel
+
+
+_conv_s2d_grad.defvjp(_conv_s2d_grad_fwd, _conv_s2d_grad_bwd)
+
+
+def conv2d_conv_s2d(x: Array, kernel: Array, bias: Array) -> Array:
+  """``torch.nn.Conv2d(4, stride=2, padding=1)``: XLA's convolution forward, the space-to-depth
+  matmuls (`conv2d_s2d`'s backward pass) for both gradients.
+
+  On XLA:CPU, at the SVHN encoder's conv2 (16×16×32 → 8×8×64), XLA's forward convolution beats
+  the space-to-depth matmul (whose 4x-expanded patch matrix costs more than it saves), while
+  its backward convolutions lose to the matmuls: at B = 128, input gradient 5.7 vs 3.5 ms,
+  kernel gradient 8.1 vs 5.8 ms; the whole encoder's fwd+bwd 35.4 → 27.4 ms. Reverse-mode
+  only.
+
+  Args:
+    x: (N, H, W, C_in), H and W even. kernel: (4, 4, C_in, C_out). bias: (C_out,).
+  Returns:
+    (N, H/2, W/2, C_out).
+  """
+  _check_s2d_input(x)
+  return _conv_s2d_grad(x, kernel) + bias
 
 
 def resolve_conv_impl(impl: str, kernel_shape: Sequence[int], *, stride: int = 1,
                       padding: int = 0, input_hw: Sequence[int] | None = None) -> str:
-  """Which formulation `conv2d` uses. "auto" on the CPU backend: for thin patches
-  (≤ `IM2COL_MAX_PATCH` features, e.g. 4×4×3) "s2d" where it applies (4×4, stride 2, padding 1,
-  even map), else "im2col"; "im2col" for a kernel covering the whole map (a dense layer); else
-  "conv" (XLA:CPU's convolutions beat both matmul forms once C_in ≥ 32, fwd+bwd measured).
-  "auto" elsewhere: "conv". Other values are returned unchanged ("s2d" falls back to "conv"
-  where it does not apply)."""
+  """Which formulation `conv2d` uses.
+
+  "auto" on the CPU backend, for a 4×4, stride-2, padding-1 layer on an even map: "s2d" for
+  thin patches (≤ `IM2COL_MAX_PATCH` features, e.g. 4×4×3); "conv_s2d" up to
+  `CONV_S2D_MAX_PATCH` features (4×4×32: XLA's forward convolution beats the 4x-expanded patch
+  matmul, its backward convolutions lose to the matmuls); "conv" beyond (4×4×64: XLA's
+  backward convolutions are as fast). Other layers: "im2col" for thin patches or a kernel
+  covering the whole map (a dense layer), else "conv". "auto" elsewhere: "conv". Other values
+  are returned unchanged, except that "s2d" and "conv_s2d" fall back to "conv" where they do
+  not apply. Measured (SVHN encoder fwd+bwd, B = 128, freed host memory retained, interleaved):
+  all-XLA 35.4 ms; conv2 as "conv_s2d" 27.4 ms; conv3's input gradient by the matmul as well
+  27.1 ms (within noise, so conv3 stays "conv").
+  """
   if impl not in CONV_IMPLS:
     raise ValueError(f"unknown convolution impl {impl!r}; expected one of {CONV_IMPLS}")
   kh, kw, c_in = kernel_shape[:3]
   s2d_ok = ((kh, kw, stride, padding) == (4, 4, 2, 1)
             and (input_hw is None or (input_hw[0] % 2 == 0 and input_hw[1] % 2 == 0)))
-  if impl == "s2d":
-    return "s2d" if s2d_ok else "conv"
+  if impl in ("s2d", "conv_s2d"):
+    return impl if s2d_ok else "conv"
   if impl != "auto":
     return impl
   if jax.default_backend() != "cpu":
     return "conv"
-  if kh * kw * c_in <= IM2COL_MAX_PATCH:
-    return "s2d" if s2d_ok else "im2col"
+  patch = kh * kw * c_in
+  thin = patch <= IM2COL_MAX_PATCH
+  if s2d_ok and patch <= CONV_S2D_MAX_PATCH:
+    return "s2d" if thin else "conv_s2d"
   whole = input_hw is not None and padding == 0 and tuple(input_hw) == (kh, kw)
-  return "im2col" if whole else "conv"
+  return "im2col" if thin or whole else "conv"
 
 
 def conv2d(x: Array, kernel: Array, bias: Array, *, stride: int, padding: int,
@@ -231,8 +321,9 @@ def conv2d(x: Array, kernel: Array, bias: Array, *, stride: int, padding: int,
     kernel: (kh, kw, C_in, C_out) (the flax ``nn.Conv`` layout, no flip).
     bias: (C_out,).
     impl: "conv" (XLA convolution), "im2col" (one matmul over patches), "s2d" (4×4, stride 2,
-      padding 1 only: `conv2d_s2d`) or "auto" (`resolve_conv_impl`); all give the same numbers
-      up to float rounding. "s2d" is reverse-mode differentiable only.
+      padding 1 only: `conv2d_s2d`), "conv_s2d" (same layers: XLA forward, space-to-depth
+      backward, `conv2d_conv_s2d`) or "auto" (`resolve_conv_impl`); all give the same numbers
+      up to float rounding. "s2d" and "conv_s2d" are reverse-mode differentiable only.
   Returns:
     (N, (H + 2p − kh)//s + 1, (W + 2p − kw)//s + 1, C_out).
   """
@@ -243,6 +334,8 @@ def conv2d(x: Array, kernel: Array, bias: Array, *, stride: int, padding: int,
                            input_hw=x.shape[1:3])
   if impl == "s2d":
     return conv2d_s2d(x, kernel, bias)
+  if impl == "conv_s2d":
+    return conv2d_conv_s2d(x, kernel, bias)
   if impl == "im2col":
     return conv2d_im2col(x, kernel, bias, stride=stride, padding=padding)
   return conv2d_lax(x, kernel, bias, stride=stride, padding=padding)
@@ -253,9 +346,10 @@ class Conv2d(nn.Module):
 
   Input (N, H, W, C_in) → (N, H_out, W_out, features). Parameters (same tree as ``nn.Conv``):
   ``kernel`` (k, k, C_in, features), ``bias`` (features,), both U(±1/sqrt(C_in·k·k)).
-  ``impl``: see `conv2d` ("auto" on CPU: the space-to-depth matmul for thin 4×4 stride-2
-  layers such as the SVHN encoder's first, a matmul for whole-map heads, an XLA convolution
-  otherwise).
+  ``impl``: see `conv2d` ("auto" on CPU: for 4×4 stride-2 layers the space-to-depth matmul
+  when thin (the SVHN encoder's conv1) and XLA's forward convolution with space-to-depth
+  matmul gradients up to 32 input channels (its conv2); a matmul for whole-map heads; an XLA
+  convolution otherwise).
   """
   features: int
   kernel_size: int

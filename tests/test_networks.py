@@ -370,7 +370,7 @@ def test_conv_transpose_matches_pytorch_definition(h, w, stride, padding, impl):
 # (4, 4, 1, 0): a 4×4 kernel covering the whole map, like the SVHN encoder's heads.
 @pytest.mark.parametrize("h,w,stride,padding", [(8, 9, 2, 1), (4, 5, 1, 0), (5, 6, 1, 2),
                                                 (4, 4, 1, 0)])
-@pytest.mark.parametrize("impl", ["conv", "im2col", "s2d"])
+@pytest.mark.parametrize("impl", ["conv", "im2col", "s2d", "conv_s2d"])
 def test_conv2d_matches_pytorch_definition(h, w, stride, padding, impl):
   rng = np.random.default_rng(h + w)
   c_in, c_out = 3, 6
@@ -388,8 +388,9 @@ def test_conv2d_matches_pytorch_definition(h, w, stride, padding, impl):
 
 @pytest.mark.parametrize("c_in,c_out,size", [(3, 32, 32), (32, 64, 16), (64, 128, 8)])
 def test_conv2d_matmul_forms_gradients_match_conv(c_in, c_out, size):
-  """The SVHN encoder's (4, 2, 1) layers: im2col, s2d and the XLA convolution agree in value
-  and in the gradients for the kernel, the bias and the input."""
+  """The SVHN encoder's (4, 2, 1) layers: im2col, s2d, conv_s2d and the XLA convolution agree
+  in value and in the gradients for the kernel, the bias and the input (both layouts of the
+  s2d weight gradient: row-major at C_in = 3, channel-major at 32 and 64)."""
   rng = np.random.default_rng(c_in)
   x = jnp.asarray(rng.uniform(size=(3, size, size, c_in)), jnp.float32)
   kernel = jnp.asarray(rng.uniform(-0.2, 0.2, (4, 4, c_in, c_out)), jnp.float32)
@@ -401,7 +402,7 @@ def test_conv2d_matmul_forms_gradients_match_conv(c_in, c_out, size):
     return jax.grad(f, argnums=(0, 1, 2))(x, kernel, bias)
 
   want = grads("conv")
-  for impl in ("im2col", "s2d"):
+  for impl in ("im2col", "s2d", "conv_s2d"):
     for got, ref in zip(grads(impl), want):
       _assert_close_scaled(got, ref)
 
@@ -413,7 +414,11 @@ def test_resolve_conv_impl():
   assert L.resolve_conv_impl("auto", (4, 4, 3, 32), stride=2, padding=1,
                              input_hw=(31, 32)) == ("im2col" if cpu else "conv")  # odd map
   assert L.resolve_conv_impl("auto", (4, 4, 32, 64), stride=2, padding=1,
-                             input_hw=(16, 16)) == "conv"
+                             input_hw=(16, 16)) == ("conv_s2d" if cpu else "conv")
+  assert L.resolve_conv_impl("auto", (4, 4, 64, 128), stride=2, padding=1,
+                             input_hw=(8, 8)) == "conv"
+  assert L.resolve_conv_impl("conv_s2d", (4, 4, 8, 8), stride=2, padding=1,
+                             input_hw=(7, 8)) == "conv"  # odd map
   head = L.resolve_conv_impl("auto", (4, 4, 128, 20), input_hw=(4, 4))  # whole-map head
   assert head == ("im2col" if cpu else "conv")
   assert L.resolve_conv_impl("s2d", (3, 3, 8, 8), stride=1, padding=1) == "conv"
