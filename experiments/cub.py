@@ -400,7 +400,8 @@ def evaluate_table4(workdir: str, *, step: int = -1, seed: int = -1, batch_size:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  cli.apply_retain_host_memory_flag()
+  num_modalities = 2 if FLAGS.model == "mmvae" else 1
+  cli.apply_retain_host_memory_flag(num_modalities * FLAGS.k * FLAGS.batch_size)
   import jax
   from mmvae_jax import networks_cub, train
   from mmvae_jax.data import captions as cap

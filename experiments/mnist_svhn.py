@@ -66,7 +66,8 @@ cli.define_retain_host_memory_flag()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  cli.apply_retain_host_memory_flag()
+  num_modalities = 1 if FLAGS.model.startswith("vae_") else 2
+  cli.apply_retain_host_memory_flag(num_modalities * FLAGS.k * FLAGS.batch_size)
   import jax
   from mmvae_jax import data, model as model_lib, train
 

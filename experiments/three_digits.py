@@ -114,7 +114,7 @@ def _fail(msg: str, code: int = 2):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  cli.apply_retain_host_memory_flag()
+  cli.apply_retain_host_memory_flag(len(NAMES) * FLAGS.k * FLAGS.batch_size)
   import jax
   from mmvae_jax import data, train
 

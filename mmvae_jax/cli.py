@@ -31,16 +31,18 @@ def flags_parser(prog: str, flag_values: flags.FlagValues = flags.FLAGS
 
 
 def define_retain_host_memory_flag(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """``--retain_host_memory`` (default on): see `mmvae_jax.hostmem.retain_freed_memory`."""
-  flags.DEFINE_boolean(
-      "retain_host_memory", True,
+  """``--retain_host_memory``: see `mmvae_jax.hostmem`."""
+  flags.DEFINE_enum(
+      "retain_host_memory", "auto", ["auto", "always", "never"],
       "Keep freed host memory for reuse (glibc malloc settings), so that XLA:CPU's per-step "
-      "buffers are not page-faulted in again every step; --noretain_host_memory: glibc's "
+      "buffer is not page-faulted in again every step. auto: only for small steps (at most "
+      "512 decoded latents, M*K*B), where it is faster at no memory cost; never: glibc's "
       "defaults.", flag_values=flag_values)
 
 
-def apply_retain_host_memory_flag(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """Applies ``--retain_host_memory``; call first in ``main``, before JAX creates its threads."""
-  if flag_values.retain_host_memory:
-    from mmvae_jax import hostmem
-    hostmem.retain_freed_memory()
+def apply_retain_host_memory_flag(latents_per_step: int,
+                                  flag_values: flags.FlagValues = flags.FLAGS) -> bool:
+  """Applies ``--retain_host_memory`` (`hostmem.apply_policy`) for a step decoding
+  `latents_per_step` latents; call before JAX creates its threads (no ``jax.devices()`` yet)."""
+  from mmvae_jax import hostmem
+  return hostmem.apply_policy(flag_values.retain_host_memory, latents_per_step)

@@ -9,7 +9,7 @@ import pytest
 _PROBE = """
 import ctypes, sys, threading
 from mmvae_jax import hostmem
-applied = hostmem.retain_freed_memory() if sys.argv[1] == "1" else False
+applied = hostmem.apply_policy("auto", 256) if sys.argv[1] == "1" else False
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = (ctypes.c_size_t,)
@@ -43,3 +43,12 @@ def test_retain_freed_memory_keeps_a_large_block_freed_by_a_worker_thread():
   block_kib = 96 << 10
   assert kept_default < block_kib // 10  # glibc's default: unmapped on free
   assert kept > block_kib * 9 // 10, (kept, kept_default)  # kept for the next allocation
+
+
+def test_apply_policy_auto_skips_large_steps_and_rejects_unknown_policies():
+  from mmvae_jax import hostmem
+  # Neither call touches this process's allocator.
+  assert not hostmem.apply_policy("auto", hostmem.AUTO_MAX_LATENTS + 1)
+  assert not hostmem.apply_policy("never", 1)
+  with pytest.raises(ValueError, match="unknown host-memory policy"):
+    hostmem.apply_policy("sometimes", 1)
