@@ -48,10 +48,11 @@ def _mallopt():
     return None
   try:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
-    libc.gnu_get_libc_version  # glibc only  # noqa: B018
-  except (OSError, AttributeError):
+  except OSError:
     return None
+  if not hasattr(libc, "gnu_get_libc_version"):  # not glibc (musl): mallopt differs or is absent
+    return None
+  mallopt = libc.mallopt
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   mallopt.restype = ctypes.c_int
   return mallopt

@@ -113,12 +113,15 @@ IM2COL_MAX_PATCH = 64
 CONV_S2D_MAX_PATCH = 512
 
 
-def conv2d_lax(x: Array, kernel: Array, bias: Array, *, stride: int, padding: int) -> Array:
-  """``torch.nn.Conv2d(k, stride, padding)`` as an XLA convolution (see `conv2d`)."""
-  y = lax.conv_general_dilated(
+def _xla_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+  return lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=((padding, padding),) * 2,
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  return y + bias
+
+
+def conv2d_lax(x: Array, kernel: Array, bias: Array, *, stride: int, padding: int) -> Array:
+  """``torch.nn.Conv2d(k, stride, padding)`` as an XLA convolution (see `conv2d`)."""
+  return _xla_conv(x, kernel, stride, padding) + bias
 
 
 def conv2d_im2col(x: Array, kernel: Array, bias: Array, *, stride: int, padding: int) -> Array:
@@ -144,6 +147,13 @@ def conv2d_im2col(x: Array, kernel: Array, bias: Array, *, stride: int, padding:
   return jnp.dot(patches, kernel.reshape(kh * kw * c_in, c_out)) + bias
 
 
+def _check_s2d_input(x: Array) -> None:
+  chex.assert_rank(x, 4)
+  if x.shape[1] % 2 or x.shape[2] % 2:
+    raise ValueError(f"the space-to-depth convolution needs an even height and width, "
+                     f"got {x.shape[1:3]}")
+
+
 def s2d_weight(kernel: Array) -> Array:
   """The (16·C_in, C_out) matrix of `conv2d_s2d`: rows (dy, dx, r, q, c) hold tap
   (2·dy + r, 2·dx + q), matching the features of ``_windows_2x2(_pad_space_to_depth(x))``."""
@@ -158,15 +168,6 @@ def _s2d_patches(x: Array) -> Array:
   return _windows_2x2(_pad_space_to_depth(x))
 
 
-# 16·C_in at or below which the weight gradient of the space-to-depth forms multiplies the
-# patches in their natural (row-per-output-pixel) layout; above it, in channel-major layout.
-# XLA:CPU's matmul contracting over a long leading axis (patchesᵀ · g, 8,192 × 512 at the
-# SVHN encoder's conv2) ran at 60 GFLOP/s; built channel-major it is a plain matmul: conv2's
-# weight gradient 23 ms → 5.6 ms at B = 128 (XLA's own: 8.1 ms); 4×4×3 patches: 1.05 vs
-# 1.6 ms, row-major stays.
-S2D_ROW_MAJOR_MAX_PATCH = 64
-
-
 def _s2d_input_grad(g: Array, wm: Array, c_in: int) -> Array:
   """Input gradient of the space-to-depth conv: g (N, H/2, W/2, C_out) → (N, H, W, C_in).
 
@@ -179,13 +180,16 @@ def _s2d_input_grad(g: Array, wm: Array, c_in: int) -> Array:
 def _s2d_weight_grad(x: Array, g: Array) -> Array:
   """Gradient of the (16·C_in, C_out) space-to-depth matrix: patchesᵀ · g.
 
-  x: (N, H, W, C_in); g: (N, H/2, W/2, C_out). Thin patches are built as in the forward pass;
-  wider ones channel-major ((16·C_in, N·H/2·W/2), from one transpose of the space-to-depth
-  input and four slices) so that the product is a plain row-major matmul (see
-  ``S2D_ROW_MAJOR_MAX_PATCH``).
+  x: (N, H, W, C_in); g: (N, H/2, W/2, C_out). Thin patches (≤ `IM2COL_MAX_PATCH` features)
+  are built as in the forward pass; wider ones channel-major ((16·C_in, N·H/2·W/2), from one
+  transpose of the space-to-depth input and four slices), so that the product is a plain
+  row-major matmul. XLA:CPU ran the product contracting over the long leading axis
+  (patchesᵀ · g, 8,192 × 512 at the SVHN encoder's conv2) at 60 GFLOP/s: conv2's weight
+  gradient took 23 ms row-major vs 5.6 ms channel-major at B = 128 (XLA's convolution: 8.1 ms);
+  for 4×4×3 patches row-major stays faster (1.05 vs 1.6 ms).
   """
   c_in, c_out = x.shape[-1], g.shape[-1]
-  if 16 * c_in <= S2D_ROW_MAJOR_MAX_PATCH:
+  if 16 * c_in <= IM2COL_MAX_PATCH:
     return _weight_grad(_s2d_patches(x), g)
   h2, w2 = x.shape[1] // 2, x.shape[2] // 2
   blocks = _pad_space_to_depth(x).transpose(3, 0, 1, 2)  # (4·C_in, N, H/2+1, W/2+1)
@@ -231,18 +235,10 @@ def conv2d_s2d(x: Array, kernel: Array, bias: Array) -> Array:
   return _s2d_matmul(x, s2d_weight(kernel)) + bias
 
 
-def _check_s2d_input(x: Array) -> None:
-  chex.assert_rank(x, 4)
-  if x.shape[1] % 2 or x.shape[2] % 2:
-    raise ValueError(f"the space-to-depth convolution needs an even height and width, "
-                     f"got {x.shape[1:3]}")
-
-
 @jax.custom_vjp
 def _conv_s2d_grad(x: Array, kernel: Array) -> Array:
   """Conv2d(4, 2, 1) without bias: XLA's convolution forward, space-to-depth matmul backward."""
-  return lax.conv_general_dilated(x, kernel, window_strides=(2, 2), padding=((1, 1), (1, 1)),
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return _xla_conv(x, kernel, 2, 1)
 
 
 def _conv_s2d_grad_fwd(x, kernel):
