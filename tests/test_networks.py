@@ -386,6 +386,18 @@ def test_conv2d_matches_pytorch_definition(h, w, stride, padding, impl):
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels", [3, 8])  # both constructions (thin inputs and window-wise)
+def test_s2d_patches_match_numpy(channels):
+  assert 3 < L.S2D_WINDOW_MIN_CHANNELS <= 8
+  x = np.random.default_rng(channels).standard_normal((2, 6, 8, channels)).astype(np.float32)
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  want = np.empty((2, 3, 4, 2, 2, 2, 2, channels), np.float32)  # (n, t, u, dy, dx, r, q, c)
+  for t, u, dy, dx, r, q in np.ndindex(3, 4, 2, 2, 2, 2):
+    want[:, t, u, dy, dx, r, q] = xp[:, 2 * (t + dy) + r, 2 * (u + dx) + q]
+  got = np.asarray(L._s2d_patches(jnp.asarray(x)))
+  np.testing.assert_array_equal(got, want.reshape(2, 3, 4, 16 * channels))
+
+
 @pytest.mark.parametrize("c_in,c_out,size", [(3, 32, 32), (32, 64, 16), (64, 128, 8)])
 def test_conv2d_matmul_forms_gradients_match_conv(c_in, c_out, size):
   """The SVHN encoder's (4, 2, 1) layers: im2col, s2d, conv_s2d and the XLA convolution agree
