@@ -294,8 +294,23 @@ def test_svhn_decoder_backward_recomputes_only_what_remat_says(remat, layer3_for
   assert dots[f"f32[{n * 256},48]"] == 1, dots
 
 
-def test_svhn_decoder_auto_remat_keeps_layer3_for_small_n():
-  assert N.KEEP_ACT3_MAX_BYTES // (16 * 16 * 32 * 4) == 4096  # N ≤ 4096 keeps layer 3
+@pytest.mark.parametrize("spare_bytes,layer3_forwards", [(0, 1), (-1, 2)])
+def test_svhn_decoder_auto_remat_follows_the_layer3_budget(monkeypatch, spare_bytes,
+                                                           layer3_forwards):
+  """remat="auto" keeps layer 3's output (N·16·16·32 float32) while it fits in
+  KEEP_ACT3_MAX_BYTES, and recomputes it one byte past that; the default keeps N ≤ 4,096."""
+  assert N.KEEP_ACT3_MAX_BYTES // (16 * 16 * 32 * 4) == 4096
+  if jax.default_backend() != "cpu":
+    pytest.skip("the matmul forms are the CPU path")
+  n = 6
+  monkeypatch.setattr(N, "KEEP_ACT3_MAX_BYTES", 2 * n * 16 * 16 * 32 * 4 + spare_bytes)
+  jax.clear_caches()  # the decoder's jit reads the budget when it traces
+  module = N.SvhnDecoder(D, impl="matmul", chunk_size=n, remat="auto")
+  params = _init(module, jnp.zeros((1, D)))
+  loss = lambda p, z: jnp.sum(module.apply({"params": p}, z) ** 2)
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, _randn(5, (2 * n, D))).compile()
+  assert _dot_output_shapes(hlo.as_text())[f"f32[{n * 64},512]"] == layer3_forwards
+  jax.clear_caches()
 
 
 def test_svhn_decoder_under_jit_and_sharding():
