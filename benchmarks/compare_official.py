@@ -51,6 +51,7 @@ def _jemalloc_path() -> str | None:
 
 def _jax_worker(args) -> tuple:
   from mmvae_jax import hostmem
+  huge_pages = hostmem.restart_with_huge_pages(args.huge_pages)  # may re-execute this worker
   hostmem.apply_policy(args.retain_host_memory, 2 * args.k * args.batch_size)
   import jax
   import numpy as np
@@ -76,7 +77,7 @@ def _jax_worker(args) -> tuple:
     holder["i"] += 1
     jax.block_until_ready(metrics)
 
-  info = {"jax": jax.__version__, "devices": jax.device_count(), "backend": jax.default_backend()}
+  info = {"huge_pages": huge_pages, "jax": jax.__version__, "devices": jax.device_count(), "backend": jax.default_backend()}
   return step, info
 
 
@@ -146,6 +147,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--torch_threads", type=int, default=os.cpu_count())
   parser.add_argument("--retain_host_memory", default="auto", choices=["auto", "always", "never"],
                       help="our side's host-memory policy, as in the training scripts")
+  parser.add_argument("--huge_pages", default="auto", choices=["auto", "never"],
+                      help="our side's huge-page policy, as in the training scripts")
   parser.add_argument("--official", default="as_is",
                       help="official builds to time, comma-separated: " + ", ".join(OFFICIAL_BUILDS)
                       + " (module docstring)")
@@ -170,7 +173,8 @@ def main(argv=None) -> dict:
 
   forwarded = [f"--k={args.k}", f"--batch_size={args.batch_size}", f"--warmup={args.warmup}",
                f"--torch_threads={args.torch_threads}",
-               f"--retain_host_memory={args.retain_host_memory}"]
+               f"--retain_host_memory={args.retain_host_memory}",
+               f"--huge_pages={args.huge_pages}"]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
   sides = {"ours": ("jax", env)}

@@ -30,12 +30,16 @@ def main(argv=None) -> dict:
   parser.add_argument("--retain_host_memory", default="auto", choices=["auto", "always", "never"],
                       help="keep freed host memory for reuse, as the training scripts do "
                       "(mmvae_jax.hostmem; auto: when a step decodes at most 512 latents)")
+  parser.add_argument("--huge_pages", default="auto", choices=["auto", "never"],
+                      help="restart with glibc malloc asking for transparent huge pages, as the "
+                      "training scripts do (mmvae_jax.hostmem.restart_with_huge_pages)")
   parser.add_argument("--json", action="store_true", help="print only the JSON object")
   args = parser.parse_args(argv)
   if args.k < 1 or args.batch_size < 1 or args.steps < 1:
     parser.error("--k, --batch_size and --steps must be >= 1")
 
   from mmvae_jax import hostmem
+  huge_pages = hostmem.restart_with_huge_pages(args.huge_pages)  # may re-execute this program
   # Before JAX starts its threads; two modalities decode 2·K·B latents per step.
   retained = hostmem.apply_policy(args.retain_host_memory, 2 * args.k * args.batch_size)
 
@@ -77,7 +81,8 @@ def main(argv=None) -> dict:
   result = {
       "benchmark": "train_step", "model": "mnist_svhn", "k": args.k,
       "batch_size": args.batch_size, "estimator": args.estimator, "looser": args.looser,
-      "decoder_impl": args.decoder_impl, "retain_host_memory": retained, "steps": args.steps,
+      "decoder_impl": args.decoder_impl, "retain_host_memory": retained, "huge_pages": huge_pages,
+      "steps": args.steps,
       "compile_s": round(compile_s, 3),
       "step_s_median": round(median, 4), "step_s_min": round(float(times.min()), 4),
       "step_s_max": round(float(times.max()), 4),

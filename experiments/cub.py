@@ -89,7 +89,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_examples", 8, "Example captions written to samples.txt.")
   flags.DEFINE_enum("decoder_impl", "auto", ["auto", "matmul", "conv"],
                     "Transposed-convolution formulation of the sentence decoder.")
-  cli.define_retain_host_memory_flag()
+  cli.define_host_memory_flags()
 
 
 def _fail(msg: str, code: int = 2):
@@ -401,7 +401,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   num_modalities = 2 if FLAGS.model == "mmvae" else 1
-  cli.apply_retain_host_memory_flag(num_modalities * FLAGS.k * FLAGS.batch_size)
+  cli.apply_host_memory_flags(num_modalities * FLAGS.k * FLAGS.batch_size)
   import jax
   from mmvae_jax import networks_cub, train
   from mmvae_jax.data import captions as cap

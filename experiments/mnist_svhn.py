@@ -60,14 +60,14 @@ flags.DEFINE_integer("log_every", 10, "Steps between metric logs.")
 flags.DEFINE_enum("decoder_impl", "auto", ["auto", "matmul", "conv"],
                   "SVHN decoder formulation: matmul (fast on CPU), conv (XLA convolutions, "
                   "fast on GPU/TPU), auto picks by backend.")
-cli.define_retain_host_memory_flag()
+cli.define_host_memory_flags()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   num_modalities = 1 if FLAGS.model.startswith("vae_") else 2
-  cli.apply_retain_host_memory_flag(num_modalities * FLAGS.k * FLAGS.batch_size)
+  cli.apply_host_memory_flags(num_modalities * FLAGS.k * FLAGS.batch_size)
   import jax
   from mmvae_jax import data, model as model_lib, train
 

@@ -70,7 +70,7 @@ flags.DEFINE_integer("log_every", 10, "Steps between metric logs.")
 flags.DEFINE_boolean("figures", True, "Save generation/reconstruction PNGs at each epoch end.")
 flags.DEFINE_enum("decoder_impl", "auto", ["auto", "matmul", "conv"],
                   "SVHN-CNN decoder formulation: matmul (fast on CPU), conv (GPU/TPU), auto.")
-cli.define_retain_host_memory_flag()
+cli.define_host_memory_flags()
 
 NAMES = ("mnist", "usps_colour", "usps")
 
@@ -114,7 +114,7 @@ def _fail(msg: str, code: int = 2):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  cli.apply_retain_host_memory_flag(len(NAMES) * FLAGS.k * FLAGS.batch_size)
+  cli.apply_host_memory_flags(len(NAMES) * FLAGS.k * FLAGS.batch_size)
   import jax
   from mmvae_jax import data, train
 

@@ -30,19 +30,29 @@ def flags_parser(prog: str, flag_values: flags.FlagValues = flags.FLAGS
   return parse
 
 
-def define_retain_host_memory_flag(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """``--retain_host_memory``: see `mmvae_jax.hostmem`."""
+def define_host_memory_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """``--retain_host_memory`` and ``--huge_pages``: see `mmvae_jax.hostmem`."""
   flags.DEFINE_enum(
       "retain_host_memory", "auto", ["auto", "always", "never"],
       "Keep freed host memory for reuse (glibc malloc settings), so that XLA:CPU's per-step "
       "buffer is not page-faulted in again every step. auto: only for small steps (at most "
       "512 decoded latents, M*K*B), where it is faster at no memory cost; never: glibc's "
       "defaults.", flag_values=flag_values)
+  flags.DEFINE_enum(
+      "huge_pages", "auto", ["auto", "never"],
+      "Restart once with glibc malloc asking for transparent huge pages (GLIBC_TUNABLES="
+      "glibc.malloc.hugetlb=1), so that large host buffers are faulted in 2 MiB at a time. "
+      "auto: where the kernel's THP mode is 'madvise' and glibc >= 2.35; never: as started.",
+      flag_values=flag_values)
 
 
-def apply_retain_host_memory_flag(latents_per_step: int,
-                                  flag_values: flags.FlagValues = flags.FLAGS) -> bool:
-  """Applies ``--retain_host_memory`` (`hostmem.apply_policy`) for a step decoding
-  `latents_per_step` latents; call before JAX creates its threads (no ``jax.devices()`` yet)."""
+def apply_host_memory_flags(latents_per_step: int,
+                            flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, bool]:
+  """Applies ``--huge_pages`` (`hostmem.restart_with_huge_pages`: may re-execute the program)
+  and ``--retain_host_memory`` (`hostmem.apply_policy`) for a step decoding `latents_per_step`
+  latents. Call first thing in main, before JAX creates its threads (no ``jax.devices()`` yet).
+  Returns which of the two are in effect."""
   from mmvae_jax import hostmem
-  return hostmem.apply_policy(flag_values.retain_host_memory, latents_per_step)
+  huge_pages = hostmem.restart_with_huge_pages(flag_values.huge_pages)
+  retained = hostmem.apply_policy(flag_values.retain_host_memory, latents_per_step)
+  return {"huge_pages": huge_pages, "retain_host_memory": retained}

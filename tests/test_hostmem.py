@@ -52,3 +52,77 @@ def test_apply_policy_auto_skips_large_steps_and_rejects_unknown_policies():
   assert not hostmem.apply_policy("never", 1)
   with pytest.raises(ValueError, match="unknown host-memory policy"):
     hostmem.apply_policy("sometimes", 1)
+
+
+# Restart with huge pages (if "auto" decides so), then malloc + touch + free a 96 MB block on a
+# worker thread and count the minor page faults that took: 4 KiB pages fault 24,576 times.
+_HUGE_PAGE_PROBE = """
+import ctypes, json, os, resource, sys, threading
+from mmvae_jax import hostmem
+active = hostmem.restart_with_huge_pages(sys.argv[1])
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+n = 96 << 20
+def work():
+  p = libc.malloc(n)
+  ctypes.memset(p, 1, n)
+  libc.free(p)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+t = threading.Thread(target=work); t.start(); t.join()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({"active": active, "faults": faults, "argv": sys.argv[1:],
+                  "tunables": os.environ.get("GLIBC_TUNABLES", "")}))
+"""
+
+
+def _huge_page_probe(policy: str, tunables: str | None = None) -> dict:
+  import json
+  import os
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  if tunables is not None:
+    env["GLIBC_TUNABLES"] = tunables
+  out = subprocess.run([sys.executable, "-c", _HUGE_PAGE_PROBE, policy, "--keep=this"],
+                       check=True, capture_output=True, text=True, env=env, timeout=60).stdout
+  return json.loads(out)
+
+
+def test_restart_with_huge_pages_faults_a_large_block_in_huge_pages():
+  from mmvae_jax import hostmem
+  if hostmem.huge_pages_environment({}) is None:
+    pytest.skip("needs glibc >= 2.35 and the kernel's transparent huge pages in 'madvise' mode")
+  block_pages = (96 << 20) // 4096
+  default = _huge_page_probe("never")
+  assert not default["active"] and default["faults"] > block_pages * 9 // 10, default
+  restarted = _huge_page_probe("auto", tunables="glibc.malloc.check=0")
+  assert restarted["active"], restarted
+  assert restarted["argv"] == ["auto", "--keep=this"]  # same command line after the restart
+  assert restarted["tunables"] == "glibc.malloc.check=0:" + hostmem.HUGE_PAGES_TUNABLE
+  assert restarted["faults"] < block_pages // 10, restarted  # 2 MiB pages: ~48 faults
+
+
+def test_huge_pages_environment_only_where_a_restart_changes_something(monkeypatch):
+  from mmvae_jax import hostmem
+  tunable = hostmem.HUGE_PAGES_TUNABLE
+  env = hostmem.huge_pages_environment({"A": "1"}, thp_mode="madvise", glibc=(2, 36))
+  assert env == {"A": "1", "GLIBC_TUNABLES": tunable}
+  env = hostmem.huge_pages_environment({"GLIBC_TUNABLES": "x=1"}, "madvise", (2, 35))
+  assert env == {"GLIBC_TUNABLES": "x=1:" + tunable}
+  assert hostmem.huge_pages_environment({"GLIBC_TUNABLES": "x=1:" + tunable}, "madvise",
+                                        (2, 36)) is None  # already restarted: no loop
+  for mode, glibc in (("always", (2, 36)), ("never", (2, 36)),
+                      ("madvise", (2, 34))):
+    assert hostmem.huge_pages_environment({}, mode, glibc) is None, (mode, glibc)
+  monkeypatch.setattr(hostmem, "_glibc_version", lambda: None)  # musl, macOS
+  assert hostmem.huge_pages_environment({}, "madvise") is None
+  with pytest.raises(ValueError, match="unknown huge-page policy"):
+    hostmem.restart_with_huge_pages("always")
+
+
+def test_transparent_huge_page_mode_reads_the_bracketed_word(tmp_path):
+  from mmvae_jax import hostmem
+  path = tmp_path / "enabled"
+  path.write_text("always [madvise] never\n")
+  assert hostmem.transparent_huge_page_mode(str(path)) == "madvise"
+  assert hostmem.transparent_huge_page_mode(str(tmp_path / "missing")) is None
