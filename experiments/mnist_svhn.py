@@ -81,6 +81,7 @@ def main(argv):
       eval_batch_size=FLAGS.eval_batch_size, checkpoint_every=FLAGS.checkpoint_every,
       log_every=FLAGS.log_every)
   try:
+    config.validate(1)  # every value but the device split, before a backend starts (and logs)
     config.validate(jax.device_count())
   except ValueError as e:
     print(f"mnist_svhn.py: error: {e}", file=sys.stderr)
