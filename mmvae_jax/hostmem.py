@@ -158,8 +158,11 @@ def restart_with_huge_pages(policy: str = "auto") -> bool:
   if policy == "never":
     return huge_pages_active()
   environ = huge_pages_environment(os.environ)
-  if environ is None:
+  if environ is None or not sys.executable:  # nothing to gain, or no interpreter to restart
     return huge_pages_active()
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, sys.orig_argv, environ)
+  try:
+    os.execve(sys.executable, sys.orig_argv, environ)
+  except OSError:  # the interpreter cannot be executed again (sandboxing): run as started
+    return huge_pages_active()
