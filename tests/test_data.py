@@ -109,8 +109,16 @@ def test_source_from_arrays_conversions():
     source_from_arrays(np.zeros((2, 2, 2), np.uint8), [0, 1, 2], "bad")
 
 
+@pytest.fixture
+def tfds_temp_in_tmp_path(tmp_path_factory, monkeypatch):
+  """tfds's mock metadata (DatasetInfo.initialize_from_bucket, offline) makes a tempfile.mkdtemp
+  folder it never removes: keep it among pytest's own temporary folders, not in /tmp."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path_factory.mktemp("tfds_tempdir")))
+
+
 @pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)), ("svhn_cropped", (32, 32, 3))])
-def test_tfds_mock_data_source(name, shape, tmp_path):
+def test_tfds_mock_data_source(name, shape, tmp_path, tfds_temp_in_tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   with tfds.testing.mock_data(num_examples=37):
     src = load_source(name, "train", data_dir=str(tmp_path))
@@ -124,7 +132,7 @@ def test_tfds_mock_data_source(name, shape, tmp_path):
   assert os.listdir(tmp_path) == []  # nothing written
 
 
-def test_tfds_mock_pairs_and_batches(tmp_path):
+def test_tfds_mock_pairs_and_batches(tmp_path, tfds_temp_in_tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   with tfds.testing.mock_data(num_examples=40):
     srcs = [load_source("mnist", "train", data_dir=str(tmp_path)),
@@ -156,7 +164,8 @@ def test_npz_sources(shared_data):
 
 # ----------------------------------------------------------------------------- errors
 
-def test_unprepared_tfds_dataset_fails_at_once_in_one_line(tmp_path, monkeypatch):
+def test_unprepared_tfds_dataset_fails_at_once_in_one_line(tmp_path, monkeypatch,
+                                                          tfds_temp_in_tmp_path):
   def no_network(*args, **kwargs):
     raise AssertionError("network access attempted")
   monkeypatch.setattr(socket.socket, "connect", no_network)
