@@ -43,12 +43,6 @@ OFFICIAL_BUILDS = ("as_is", "jemalloc", "glibc_kept")
 JEMALLOC_NEVER_RELEASE = "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 
-def _jemalloc_path() -> str | None:
-  """jemalloc's shared library as LD_PRELOAD takes it (a soname is searched like a dependency),
-  or None where it is not installed."""
-  return ctypes.util.find_library("jemalloc")
-
-
 def _jax_worker(args) -> tuple:
   from mmvae_jax import hostmem
   huge_pages = hostmem.restart_with_huge_pages(args.huge_pages)  # may re-execute this worker
@@ -77,7 +71,8 @@ def _jax_worker(args) -> tuple:
     holder["i"] += 1
     jax.block_until_ready(metrics)
 
-  info = {"huge_pages": huge_pages, "jax": jax.__version__, "devices": jax.device_count(), "backend": jax.default_backend()}
+  info = {"huge_pages": huge_pages, "jax": jax.__version__, "devices": jax.device_count(),
+          "backend": jax.default_backend()}
   return step, info
 
 
@@ -102,14 +97,15 @@ def _torch_worker(args) -> tuple:
     loss.backward()
     opt.step()
 
-  return step, {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+  info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+  if args.worker == "torch_jemalloc":
+    info["malloc_conf"] = os.environ.get("MALLOC_CONF")
+  return step, info
 
 
 def _serve(args) -> None:
   """Worker loop: build the step, warm it up, then time blocks of steps on request."""
   step, info = (_jax_worker if args.worker == "jax" else _torch_worker)(args)
-  if args.worker == "torch_jemalloc":
-    info["malloc_conf"] = os.environ.get("MALLOC_CONF")
   t0 = time.perf_counter()
   step()
   info["first_step_s"] = round(time.perf_counter() - t0, 3)
@@ -159,17 +155,18 @@ def main(argv=None) -> dict:
   if min(args.k, args.batch_size, args.rounds, args.torch_threads) < 1 or args.steps_per_round < 2:
     parser.error("--k, --batch_size, --rounds, --torch_threads must be >= 1 and "
                  "--steps_per_round >= 2")
+  if args.worker:
+    _serve(args)
+    return {}
   builds = [b for b in args.official.split(",") if b]
   unknown = sorted(set(builds) - set(OFFICIAL_BUILDS))
   if unknown or not builds:
     parser.error(f"--official: unknown build(s) {unknown}; expected some of {OFFICIAL_BUILDS}")
-  jemalloc = _jemalloc_path() if "jemalloc" in builds else None
+  # A soname is enough for LD_PRELOAD: it is searched like a dependency.
+  jemalloc = ctypes.util.find_library("jemalloc") if "jemalloc" in builds else None
   if "jemalloc" in builds and not jemalloc:
     parser.error("--official=jemalloc: libjemalloc not found (Debian: apt-get install "
                  "libjemalloc2)")
-  if args.worker:
-    _serve(args)
-    return {}
 
   forwarded = [f"--k={args.k}", f"--batch_size={args.batch_size}", f"--warmup={args.warmup}",
                f"--torch_threads={args.torch_threads}",
@@ -187,8 +184,7 @@ def main(argv=None) -> dict:
   try:
     for side, (worker, worker_env) in sides.items():  # one after the other: clean compile times
       proc = subprocess.Popen(
-          [sys.executable, __file__, f"--worker={worker}", f"--official={args.official}"]
-          + forwarded, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=worker_env)
+          [sys.executable, __file__, f"--worker={worker}"] + forwarded, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=worker_env)
       workers[side] = proc
       line = proc.stdout.readline()
       if not line:

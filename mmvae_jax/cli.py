@@ -47,12 +47,10 @@ def define_host_memory_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Non
 
 
 def apply_host_memory_flags(latents_per_step: int,
-                            flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, bool]:
+                            flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Applies ``--huge_pages`` (`hostmem.restart_with_huge_pages`: may re-execute the program)
   and ``--retain_host_memory`` (`hostmem.apply_policy`) for a step decoding `latents_per_step`
-  latents. Call first thing in main, before JAX creates its threads (no ``jax.devices()`` yet).
-  Returns which of the two are in effect."""
+  latents. Call first thing in main, before JAX creates its threads (no ``jax.devices()`` yet)."""
   from mmvae_jax import hostmem
-  huge_pages = hostmem.restart_with_huge_pages(flag_values.huge_pages)
-  retained = hostmem.apply_policy(flag_values.retain_host_memory, latents_per_step)
-  return {"huge_pages": huge_pages, "retain_host_memory": retained}
+  hostmem.restart_with_huge_pages(flag_values.huge_pages)
+  hostmem.apply_policy(flag_values.retain_host_memory, latents_per_step)
