@@ -11,7 +11,7 @@ Both run on random data of the right shapes, batch --batch_size, K = --k.
 ``as_is`` (the C library's malloc, as the official code runs by default), ``jemalloc``
 (jemalloc preloaded and told never to give memory back, ``MALLOC_CONF`` =
 ``retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1``: the "allocator-tuned" official code of the
-training issue; needs libjemalloc, e.g. Debian's ``libjemalloc2``) and ``glibc_kept`` (glibc
+README's performance table; needs libjemalloc, e.g. Debian's ``libjemalloc2``) and ``glibc_kept`` (glibc
 malloc with `mmvae_jax.hostmem.keep_freed_memory`'s settings, the same the JAX side uses at
 small K).
 

@@ -2,8 +2,9 @@
 
 Measures pairs/s through `mmvae_jax.data.batches` (host gather, uint8 -> float32, transfer to a
 sharded global jax.Array, background prefetch), calling `block_until_ready` on every batch,
-over --num_batches batches after --warmup batches. Uses ../shared/data/mnist.npz and
-usps_colour.npz (an SVHN-shaped stand-in) when present, else random uint8 arrays of the same
+over --num_batches batches after --warmup batches. Uses mnist.npz and usps_colour.npz (an
+SVHN-shaped stand-in, see experiments/make_usps_colour.py) from --data_dir when both are there
+(default: the folder shared/data beside the repository), else random uint8 arrays of the same
 shapes as MNIST and SVHN train; the JSON says which.
 
   python benchmarks/input_pipeline.py --json

@@ -1,4 +1,4 @@
-r"""ResNet-101 features of CUB images for experiments/cub.py (spec §8.5), on a connected machine.
+r"""ResNet-101 features of CUB images for experiments/cub.py, on a connected machine.
 
     pip install torch torchvision          # not dependencies of mmvae_jax
     python experiments/extract_cub_features.py --data_root=data/cub --out=data/cub/resnet101
@@ -9,7 +9,8 @@ order: sorted class folders, then sorted file names, as torchvision's ImageFolde
 file of a split must list the 10 captions of each image in this same order (caption i ↔ image
 i // 10).
 
-Official preprocessing, reproduced on purpose (trap 9):
+Official preprocessing, reproduced on purpose (see
+docs/official-code.md#resnet-101-feature-preprocessing):
   * torchvision ResNet-101 with the ImageNet V1 weights, every layer but the final fc: the
     2048-d global-average-pooled feature, network in eval mode (BatchNorm running statistics);
   * each image resized so that its SHORTER side is 224 (aspect ratio kept, bilinear), converted

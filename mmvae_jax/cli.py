@@ -1,14 +1,63 @@
-"""Command-line plumbing shared by the experiment scripts: one-line errors and flag parsing.
+"""The command line shared by every experiment script: one flag per `RunConfig` field, defined
+once here, with each experiment's defaults; one-line errors.
+
+    python experiments/mnist_svhn.py --k=30 --model=mopoe
+    python experiments/three_digits.py --data_dir=path/to/npz --max_steps=20
 
 Every script fails the same way on bad input: ``<script>: error: <cause>`` on stderr and exit
 code 2 (1 for a failure while running), never a traceback.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import sys
 from typing import Callable, NoReturn
 
-from absl import flags
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+# Help of every RunConfig field that is a flag (sources and options are defined per experiment).
+HELP = {
+    "model": "Model name (the registry of mmvae_jax.models): mmvae = mixture of experts (the "
+             "paper); mvae = product of experts (Wu & Goodman 2018); mopoe = mixture of "
+             "products of experts (Sutter et al. 2021); vae_<modality> = single-modality VAE.",
+    "k": "Importance samples per expert (K).",
+    "estimator": "Gradient estimator: dreg = doubly-reparameterised (the paper's description; "
+                 "the library default); legacy = what the official code computes (IWAE "
+                 "sticking-the-landing), to reproduce its numbers; iwae = plain autodiff.",
+    "objective": "Training objective, a name the model accepts (mmvae: moe_iwae, moe_elbo; "
+                 "mvae: subsampled_elbo, subsampled_iwae, joint_elbo, joint_iwae; mopoe: "
+                 "mopoe_elbo, mopoe_iwae); auto: the model's default.",
+    "looser": "Stratified bound of eq. (3); --nolooser: the tight bound.",
+    "learn_prior": "Learn the prior's scale logits.",
+    "latent_dim": "Latent dimension D.",
+    "batch_size": "Global batch size (split over all devices).",
+    "epochs": "Epochs over the paired training set.",
+    "max_steps": "Stop after this many steps in total (0: no limit).",
+    "lr": "Learning rate of Adam with PyTorch-style AMSGrad.",
+    "llik_scaling": "λ of the first modality's likelihood; 0: the experiment's rule.",
+    "partners": "Same-class partners per instance when pairing sources (see "
+                "docs/official-code.md#partners-per-instance).",
+    "seed": "Seed of the parameters, pairing, data order and samples.",
+    "data_dir": "tensorflow-datasets data directory, also searched for relative .npz sources.",
+    "eval_every": "Steps between test evaluations (0: at each epoch end).",
+    "eval_batches": "Test batches per evaluation (0: all test pairs).",
+    "eval_batch_size": "Test batch size (0: --batch_size).",
+    "checkpoint_every": "Steps between checkpoints (also at epoch ends).",
+    "log_every": "Steps between metric logs.",
+    "keep_checkpoints": "Checkpoints kept in the workdir.",
+    "figures": "Save generation / reconstruction PNGs at each epoch end.",
+    "expert_scale": "Scale of Gaussian experts (product-of-experts models): logvar (Wu & "
+                    "Goodman), softplus + 1e-6, or modality (the modality's own constraint).",
+    "decoder_impl": "Transposed-convolution formulation: matmul (fast on CPU), conv (XLA "
+                    "convolutions, fast on GPU/TPU), auto picks by backend.",
+}
+ENUMS = {"estimator": ["dreg", "legacy", "iwae"], "expert_scale": ["logvar", "softplus", "modality"],
+         "decoder_impl": ["auto", "matmul", "conv"]}
+ALIASES = {"mvae_scale": "expert_scale"}
+NOT_FLAGS = ("experiment", "sources", "options")
 
 
 def fail(prog: str, message: str, code: int = 2) -> NoReturn:
@@ -17,7 +66,7 @@ def fail(prog: str, message: str, code: int = 2) -> NoReturn:
   sys.exit(code)
 
 
-def flags_parser(prog: str, flag_values: flags.FlagValues = flags.FLAGS
+def flags_parser(prog: str, flag_values: flags.FlagValues = FLAGS
                  ) -> Callable[[list[str]], list[str]]:
   """An ``app.run(flags_parser=...)`` that fails with one line on an unknown or bad flag."""
 
@@ -30,7 +79,97 @@ def flags_parser(prog: str, flag_values: flags.FlagValues = flags.FLAGS
   return parse
 
 
-def define_host_memory_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+def _define(name: str, default, help_text: str, flag_values) -> None:
+  if name in ENUMS:
+    flags.DEFINE_enum(name, default, ENUMS[name], help_text, flag_values=flag_values)
+  elif isinstance(default, bool):
+    flags.DEFINE_boolean(name, default, help_text, flag_values=flag_values)
+  elif isinstance(default, int):
+    flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
+  elif isinstance(default, float):
+    flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
+  else:
+    flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+
+
+def define_run_flags(experiment_name: str, flag_values: flags.FlagValues = FLAGS) -> None:
+  """Every flag of a training script of `experiment_name`: the `RunConfig` fields (with the
+  experiment's defaults), one source flag per modality (digit experiments), the experiment's
+  own options, --workdir and the host-memory flags."""
+  from mmvae_jax import experiments
+  from mmvae_jax.config import RunConfig
+  exp = experiments.get(experiment_name)
+  base = exp.config()
+  for f in dataclasses.fields(RunConfig):
+    if f.name in NOT_FLAGS:
+      continue
+    default = getattr(base, f.name)
+    if f.name == "model":
+      flags.DEFINE_enum("model", default, exp.model_names(), HELP["model"], flag_values=flag_values)
+    else:
+      _define(f.name, default, HELP[f.name], flag_values)
+  for alias, target in ALIASES.items():
+    flags.DEFINE_alias(alias, target, flag_values=flag_values)
+  for name, spec in dict(getattr(exp, "default_sources", ())).items():
+    flags.DEFINE_string(name, spec, f"Source of the {name} modality: a tfds name or an .npz "
+                        f"(x_train, y_train, x_test, y_test).", flag_values=flag_values)
+  for name, (default, help_text) in exp.option_flags().items():
+    _define(name, default, help_text, flag_values)
+  flags.DEFINE_string("workdir", f"runs/{experiment_name}",
+                      "Checkpoints, logs and figures go here; re-running the same command "
+                      "resumes from the latest checkpoint.", flag_values=flag_values)
+  define_host_memory_flags(flag_values)
+
+
+def config_from_flags(experiment_name: str, flag_values: flags.FlagValues = FLAGS):
+  """The `RunConfig` the parsed flags describe."""
+  from mmvae_jax import experiments
+  from mmvae_jax.config import RunConfig
+  exp = experiments.get(experiment_name)
+  values = {f.name: flag_values[f.name].value for f in dataclasses.fields(RunConfig)
+            if f.name not in NOT_FLAGS}
+  sources = {n: flag_values[n].value for n in dict(getattr(exp, "default_sources", ()))}
+  options = {n: flag_values[n].value for n in exp.option_flags()}
+  return RunConfig(experiment=experiment_name, sources=sources, options=options, **values)
+
+
+def train_main(experiment_name: str, prog: str) -> Callable[[list[str]], None]:
+  """The ``main`` of a training script: flags → `RunConfig` → `mmvae_jax.runs.train_run`."""
+
+  def main(argv):
+    if len(argv) > 1:
+      fail(prog, f"unexpected arguments: {' '.join(argv[1:])}")
+    config = config_from_flags(experiment_name)
+    try:
+      config.validate()  # every value but the device split, before a backend starts (and logs)
+    except ValueError as e:
+      fail(prog, str(e))
+    from mmvae_jax import experiments
+    num_modalities = len(experiments.get(experiment_name).used_modalities(config))
+    apply_host_memory_flags(num_modalities * config.k * config.batch_size)
+    from absl import logging as absl_logging
+    from mmvae_jax import runs, train
+    absl_logging.set_verbosity(absl_logging.WARNING)  # checkpointing's INFO lines
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+      final = runs.train_run(config, FLAGS.workdir)
+    except runs.RunError as e:
+      fail(prog, str(e))
+    except train.NonFiniteLossError as e:
+      fail(prog, str(e), 1)
+    import json
+    logging.info("done: %s", json.dumps(final, default=str))
+
+  return main
+
+
+def run_script(experiment_name: str, prog: str) -> None:
+  """Defines the flags of `experiment_name` and runs its training main."""
+  define_run_flags(experiment_name)
+  app.run(train_main(experiment_name, prog), flags_parser=flags_parser(prog))
+
+
+def define_host_memory_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   """``--retain_host_memory`` and ``--huge_pages``: see `mmvae_jax.hostmem`."""
   flags.DEFINE_enum(
       "retain_host_memory", "auto", ["auto", "always", "never"],
@@ -47,10 +186,10 @@ def define_host_memory_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Non
 
 
 def apply_host_memory_flags(latents_per_step: int,
-                            flag_values: flags.FlagValues = flags.FLAGS) -> None:
+                            flag_values: flags.FlagValues = FLAGS) -> None:
   """Applies ``--huge_pages`` (`hostmem.restart_with_huge_pages`: may re-execute the program)
   and ``--retain_host_memory`` (`hostmem.apply_policy`) for a step decoding `latents_per_step`
-  latents. Call first thing in main, before JAX creates its threads (no ``jax.devices()`` yet)."""
+  latents. Call before the first JAX computation."""
   from mmvae_jax import hostmem
   hostmem.restart_with_huge_pages(flag_values.huge_pages)
   hostmem.apply_policy(flag_values.retain_host_memory, latents_per_step)

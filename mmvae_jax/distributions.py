@@ -5,7 +5,8 @@ Latent distributions are `distrax` distributions (Laplace, Normal) with batch sh
 Likelihoods are plain functions `log p(x | mean)` summed over each datum's event axes, which
 is what the objectives need ("log p(x_d | z)" always means the sum over all pixels).
 
-Scale constraints follow the official code (spec §5.5), not the paper's wording:
+Scale constraints follow the official code, not the paper's wording (see
+docs/official-code.md#laplace-scale-parameterisation):
 
 * MNIST / SVHN posteriors: ``softmax(v) * D + 1e-6`` over the latent axis per datum.
 * the MNIST-SVHN learned prior: ``softmax(l) * D`` (no 1e-6).
@@ -129,7 +130,7 @@ def _loc_scale(dist: Distribution) -> tuple[jax.Array, jax.Array]:
 
 
 def kl_laplace(loc_p, scale_p, loc_q, scale_q) -> jax.Array:
-  """Elementwise KL(Laplace(loc_p, scale_p) || Laplace(loc_q, scale_q)) (spec §5.1)."""
+  """Elementwise KL(Laplace(loc_p, scale_p) || Laplace(loc_q, scale_q)), closed form."""
   diff = jnp.abs(loc_p - loc_q)
   return (-jnp.log(scale_p / scale_q) + diff / scale_q
           + (scale_p / scale_q) * jnp.exp(-diff / scale_p) - 1.0)
@@ -168,7 +169,7 @@ def kl_divergence(q: Distribution, p: Distribution, *, key: jax.Array | None = N
                   num_samples: int = 100) -> jax.Array:
   """KL(q || p) summed over the latent axis, closed form where one exists.
 
-  As the official KL routine (spec §5.4): closed forms for Laplace-Laplace, Normal-Normal and
+  As the official KL routine: closed forms for Laplace-Laplace, Normal-Normal and
   Normal-Laplace; otherwise the `num_samples`-sample estimate mean_s[log q(z_s) - log p(z_s)]
   with reparameterised z_s ~ q, which needs `key`.
 

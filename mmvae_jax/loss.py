@@ -7,13 +7,13 @@ can be logged; what the gradient estimates is chosen by ``estimator``:
 ``"iwae"``
   the plain reparameterised gradient of the bound (autodiff of the returned value).
 ``"legacy"``
-  the gradient the official PyTorch code actually computes for its ``dreg`` objectives
-  (spec §4.6): every expert's parameters are stopped inside ``log q_Φ``, the sample path
-  ``z(φ)`` stays live, and the importance weights ``w̃ = softmax(log_weights)`` are constants.
-  The decoders and the prior get the ordinary IWAE gradient ``Σ w̃ ∇ log_weights``; each encoder
-  gets the path derivative weighted by ``w̃``. This is the "sticking-the-landing" IWAE estimator
+  the gradient the official PyTorch code actually computes for its ``dreg`` objectives: every
+  expert's parameters are stopped inside ``log q_Φ``, the sample path ``z(φ)`` stays live, and
+  the importance weights ``w̃ = softmax(log_weights)`` are constants. The decoders and the prior
+  get the ordinary IWAE gradient ``Σ w̃ ∇ log_weights``; each encoder gets the path derivative
+  weighted by ``w̃``. This is the "sticking-the-landing" IWAE estimator
   (Roeder et al. 2017): the official DReG hook never fires, so the paper's numbers come from it.
-  It is biased for K > 1.
+  It is biased for K > 1. See docs/official-code.md#the-dreg-hook-that-never-fires.
 ``"dreg"``
   doubly-reparameterised gradients (Tucker et al. 2019) as the paper describes them: decoders and
   prior as in ``legacy``; the encoder path derivative weighted by ``w̃²``. For one modality this
@@ -118,7 +118,10 @@ def _dreg_log_weights(log_weights_fn: LogLikelihoodFn, z: jax.Array, weight_axes
 
 def log_weights(z: jax.Array, posteriors: Sequence[Distribution], log_likelihood: LogLikelihoodFn,
                 prior: Distribution) -> jax.Array:
-  """log w = log p(z) + Σ_d λ_d log p(x_d | z) − log q_Φ(z | x_{1:M}) (spec §4.1).
+  """log w = log p(z) + Σ_d λ_d log p(x_d | z) − log q_Φ(z | x_{1:M}).
+
+  λ sits inside the weights, as in the official code (see
+  docs/official-code.md#likelihood-weights-inside-the-importance-weights).
 
   Args:
     z: (M, K, B, D) samples, z[m] drawn from expert m (stratum m).
@@ -196,7 +199,7 @@ def iwae(key: jax.Array, posterior: Distribution, log_likelihood: LogLikelihoodF
 
 def elbo(key: jax.Array, posterior: Distribution, log_likelihood: LogLikelihoodFn,
          prior: Distribution) -> jax.Array:
-  """Unimodal ELBO with one sample and the KL in closed form where one exists (spec §4.3).
+  """Unimodal ELBO with one sample and the KL in closed form where one exists (official ``elbo``).
 
   value = λ log p(x | z) − KL(q(z | x) || p(z)),  z ~ q. Shape (B,).
   """
@@ -207,7 +210,9 @@ def elbo(key: jax.Array, posterior: Distribution, log_likelihood: LogLikelihoodF
 
 def moe_elbo(key: jax.Array, posteriors: Sequence[Distribution],
              log_likelihoods: Sequence[LogLikelihoodFn], prior: Distribution) -> jax.Array:
-  """The official multimodal ELBO (``m_elbo``, spec §4.4), shape (B,).
+  """The official multimodal ELBO (``m_elbo``), shape (B,).
+
+  See docs/official-code.md#the-elbo-objective.
 
   One sample z_d ~ q_d per expert; only self-reconstructions are decoded, and the cross terms
   are importance-reweighted::
@@ -241,3 +246,4 @@ def moe_elbo(key: jax.Array, posteriors: Sequence[Distribution],
     total = total + weight * log_likelihoods[d](z_d)
   kl = sum(kl_divergence(q, prior, key=keys[m_count + r]) for r, q in enumerate(posteriors))
   return (total - kl) / m_count
+

@@ -1,7 +1,7 @@
 """Encoders and decoders of the MNIST-SVHN MMVAE (flax.linen), PyTorch layer semantics.
 
-Layer tables: official-code spec §6.1 (MNIST MLP) and §6.2 (SVHN CNN); initialisation: §7.1
-(PyTorch defaults, see ``mmvae_jax.layers``). Images are NHWC float32 in [0, 1].
+Layers as the official code's MNIST MLP and SVHN CNN (tables in the class docstrings);
+initialisation: PyTorch's defaults (see ``mmvae_jax.layers``). Images are NHWC float32 in [0, 1].
 
 Encoders return ``(loc, scale_logits)``: the raw outputs of the two heads. The scale
 constraint (softmax(v)·D + 1e-6 in the official code) is applied by the model, not here.
@@ -11,8 +11,8 @@ Every module accepts any leading batch shape: encoders (..., H, W, C) → (..., 
 (..., D) → (..., H, W, C). Leading axes are flattened to one batch axis internally (in
 row-major order) and restored afterwards; nothing is squeezed, so a batch of one keeps its axis.
 
-Parameter counts at D = 20 (spec §6): MNIST encoder 330,040, decoder 322,784; SVHN encoder
-247,560, decoder 206,563.
+Parameter counts at D = 20, as the official networks: MNIST encoder 330,040, decoder 322,784;
+SVHN encoder 247,560, decoder 206,563.
 
 The SVHN decoder is the hot path of training (it decodes M·K·B latents per step). Its
 transposed convolutions have two formulations sharing one parameter tree (``impl``): XLA
@@ -62,7 +62,7 @@ def _flatten_leading(x: Array, trailing: int) -> tuple[Array, tuple[int, ...]]:
 
 
 # ------------------------------------------------------------------------------------------------
-# MNIST (spec §6.1)
+# MNIST (the official MLP)
 # ------------------------------------------------------------------------------------------------
 
 class MnistEncoder(nn.Module):
@@ -113,7 +113,7 @@ class MnistDecoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# SVHN (spec §6.2)
+# SVHN (the official CNN)
 # ------------------------------------------------------------------------------------------------
 
 class SvhnEncoder(nn.Module):
@@ -122,7 +122,8 @@ class SvhnEncoder(nn.Module):
   Conv 3→32 (4,2,1) + ReLU → 32→64 (4,2,1) + ReLU → 64→128 (4,2,1) + ReLU (4×4×128) → two heads
   Conv 128→D (4,1,0) (a 4×4 valid convolution to 1×1). Parameters: ``conv1``..``conv3``,
   ``c1`` (loc), ``c2`` (scale logits); kernels (k, k, C_in, C_out). Unlike the official code
-  the batch axis is never squeezed (a batch of one stays (1, D)).
+  the batch axis is never squeezed (a batch of one stays (1, D); see
+  docs/official-code.md#batch-of-one).
   """
   latent_dim: int = 20
   width: int = 32

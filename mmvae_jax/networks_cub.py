@@ -1,20 +1,20 @@
-"""CUB networks (spec §6.5-6.8): the sentence CNN and the ResNet-feature MLP, and the cubISft MMVAE.
+"""CUB networks: the sentence CNN, the ResNet-feature MLP and the modalities of the cubISft model.
 
 Sentence CNN (``SentenceEncoder`` / ``SentenceDecoder``). Tokens (B, 32) are embedded into a
 1-channel "image" (B, 32 positions, 128 embedding dims, 1) and convolved down to 1×1; the decoder
 mirrors it and ends in a ReLU, a reshape to (…, 32, 128) and the output layer tied to the
 embedding: logits = h·Eᵀ + c, E the encoder's (V, 128) embedding matrix, c the decoder's own bias.
-``variant="ft"`` is the network of cubISft (§6.6: convolutions with bias, channels
-32-64-128-256-512), ``variant="cubS"`` the raw-image model's (§6.5: no bias, 32-64-128-128-128).
+``variant="ft"`` is the network of cubISft (convolutions with bias, channels
+32-64-128-256-512), ``variant="cubS"`` the raw-image model's (no bias, 32-64-128-128-128).
 Parameter counts at D = 64, V = 1590: ft encoder 2,074,912 and decoder 1,348,567 (1,552,087
 counting the tied matrix); cubS encoder 762,048 and decoder 429,046 (632,566).
 
-Padding index (spec §7.4, trap 7): the embedding row `padding_idx` is zero at initialisation and
+Padding index (docs/official-code.md#padding-index-of-the-caption-embedding): the embedding row `padding_idx` is zero at initialisation and
 its lookups pass no gradient to the matrix (the output layer still uses and trains that row).
 The official code uses index 0, which is ``<exc>`` (OOV), not ``<pad>``; see
 `mmvae_jax.data.captions.padding_index`.
 
-BatchNorm (spec §7.3, trap 27). Every `BatchNorm` here normalises with the statistics of the
+BatchNorm (docs/official-code.md#batchnorm-statistics). Every `BatchNorm` here normalises with the statistics of the
 batch it sees (PyTorch's train mode) unless population statistics are passed in the
 ``batch_stats`` collection (eval mode). The MMVAE's parameter tree holds no running statistics, so
 training is unchanged (`mmvae_jax.train` is a pure step over ``params``). Evaluation uses
@@ -25,17 +25,17 @@ exponential running averages (momentum 0.1) updated during training, and its dec
 expert's K·B samples per call, where `MMVAE.decode` decodes all M experts' samples at once, so the
 training-mode decoder statistics are over M·K·B rows.
 
-Image-feature MLP (``FeatureEncoder`` / ``FeatureDecoder``, §6.7): 2048 → 1024 → 512 → 256 with
+Image-feature MLP (``FeatureEncoder`` / ``FeatureDecoder``): 2048 → 1024 → 512 → 256 with
 ELU, two heads; the decoder mirrors it with a linear 2048-d output (the Laplace mean).
 Encoder 2,787,200 and decoder 2,772,736 parameters at D = 64.
 
-`cub_features_mmvae` builds the official cubISft (§6.8): both experts Normal with softplus + 1e-6
+`cub_modalities` / `cub_model` build the official cubISft: both experts Normal with softplus + 1e-6
 scales, a Normal(0, softplus(ℓ) + 1e-6) prior with learned ℓ, a Laplace(·, 0.01) feature
 likelihood with λ_image = 32/2048 (0.002 in the README run) and the token Categorical likelihood
 with λ = 1. Its networks total 8,983,415 parameters; with the 64 prior logits 8,983,479 (the
 official 8,983,543 also counts the frozen 64-entry prior mean).
 
-Initialisation is PyTorch's default (spec §7.1): Linear/Conv U(±1/sqrt(fan_in)), ConvTranspose
+Initialisation is PyTorch's default: Linear/Conv U(±1/sqrt(fan_in)), ConvTranspose
 U(±1/sqrt(C_out·kh·kw)), Embedding N(0, 1), BatchNorm γ = 1, β = 0.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ from jax import lax
 from mmvae_jax import distributions as dists
 from mmvae_jax.layers import (Dense, conv_bound, conv_transpose, conv_transpose_bound,
                               torch_uniform)
-from mmvae_jax.model import MMVAE, Modality
+from mmvae_jax.models.base import Modality
 
 Array = jax.Array
 
@@ -285,60 +285,29 @@ class FeatureDecoder(nn.Module):
 
 def is_tied(modality: Modality) -> bool:
   """Whether the modality's decoder takes its encoder's embedding (a sentence modality)."""
-  return isinstance(modality.decoder, SentenceDecoder)
+  return isinstance(modality, SentenceModality)
 
 
 @dataclasses.dataclass(frozen=True)
-class CubMMVAE(MMVAE):
-  """`MMVAE` whose sentence decoders use their encoder's embedding and whose BatchNorm layers
-  read population statistics from ``params["batch_stats"]`` when it is present.
+class SentenceModality(Modality):
+  """The caption modality: its decoder's output layer is its encoder's embedding (tied).
 
-  ``params["batch_stats"]`` (optional): {"encoders"|"decoders": {name: BatchNorm statistics}}
-  as returned by `population_batch_stats`; absent (training), every BatchNorm uses the
-  statistics of its batch.
+  Its BatchNorm layers read population statistics from ``params["batch_stats"]`` when present
+  (`population_batch_stats`); absent (training), every BatchNorm uses its batch's statistics.
   """
+  init_batch = 2  # BatchNorm needs more than one row to initialise
 
-  def init(self, key: jax.Array) -> dict:
-    keys = jax.random.split(key, 2 * self.num_modalities)
-    encoders, decoders = {}, {}
-    z = jnp.zeros((1, self.latent_dim))
-    for i, m in enumerate(self.modalities):
-      x = jnp.zeros((2,) + tuple(m.data_shape), jnp.float32)
-      encoders[m.name] = m.encoder.init(keys[2 * i], x)["params"]
-      extra = (encoders[m.name]["embedding"],) if is_tied(m) else ()
-      decoders[m.name] = m.decoder.init(keys[2 * i + 1], z, *extra)["params"]
-    prior = {"scale_logits": jnp.zeros((self.latent_dim,), jnp.float32)}
-    return {"encoders": encoders, "decoders": decoders, "prior": prior}
+  def init(self, k_enc, k_dec, latent_dim):
+    x = jnp.zeros((self.init_batch,) + tuple(self.data_shape), jnp.float32)
+    enc = self.encoder.init(k_enc, x)["params"]
+    dec = self.decoder.init(k_dec, jnp.zeros((1, latent_dim)), enc["embedding"])["params"]
+    return enc, dec
 
-  @staticmethod
-  def _variables(params: dict, side: str, name: str) -> dict:
-    variables = {"params": params[side][name]}
-    stats = params.get("batch_stats", {}).get(side, {}).get(name)
-    if stats:
-      variables["batch_stats"] = stats
-    return variables
-
-  def encode_one(self, params: dict, name: str, x: jax.Array) -> dists.Distribution:
-    m = self.modality(name)
-    loc, pre = m.encoder.apply(self._variables(params, "encoders", name), x)
-    chex.assert_shape([loc, pre], (x.shape[0], self.latent_dim))
-    return dists.FAMILIES[m.posterior_family](loc, m.posterior_scale(pre))
-
-  def decode_one(self, params: dict, name: str, z: jax.Array) -> jax.Array:
-    """Decoder `name` on z (..., D): its likelihood parameter (..., *data_shape[, V])."""
-    m = self.modality(name)
-    extra = (params["encoders"][name]["embedding"],) if is_tied(m) else ()
-    return m.decoder.apply(self._variables(params, "decoders", name), z, *extra)
-
-  def decode(self, params: dict, z: jax.Array) -> tuple[jax.Array, ...]:
-    return tuple(self.decode_one(params, m.name, z) for m in self.modalities)
-
-  def _weighted_ll(self, params, index, x, z):
-    m = self.modalities[index]
-    return m.llik_scale * m.log_likelihood(x, self.decode_one(params, m.name, z))
+  def decoder_inputs(self, params) -> tuple:
+    return (params["encoders"][self.name]["embedding"],)
 
 
-def population_batch_stats(model: CubMMVAE, params: dict, batches: Iterable[Sequence[Array]],
+def population_batch_stats(model, params: dict, batches: Iterable[Sequence[Array]],
                            key: jax.Array, num_samples: int = 1) -> dict:
   """Population BatchNorm statistics at `params` ("precise BN"), for evaluation.
 
@@ -364,11 +333,11 @@ def population_batch_stats(model: CubMMVAE, params: dict, batches: Iterable[Sequ
     posteriors = []
     for m, x in zip(model.modalities, xs):
       out["encoders"][m.name] = moments(m.encoder, {"params": p["encoders"][m.name]}, x)
-      posteriors.append(model.encode_one(p, m.name, x))
+      posteriors.append(model.expert(p, m.name, x))
     keys = jax.random.split(k, len(posteriors))
     zs = [q.sample(seed=kk, sample_shape=(num_samples,)) for q, kk in zip(posteriors, keys)]
     for m in model.modalities:
-      extra = (p["encoders"][m.name]["embedding"],) if is_tied(m) else ()
+      extra = m.decoder_inputs(p)
       per_expert = [moments(m.decoder, {"params": p["decoders"][m.name]}, z, *extra) for z in zs]
       out["decoders"][m.name] = jax.tree.map(lambda *a: sum(a) / len(a), *per_expert)
     return out
@@ -387,7 +356,7 @@ def population_batch_stats(model: CubMMVAE, params: dict, batches: Iterable[Sequ
 def _sentence_modality(latent_dim, vocab_size, padding_quirk, variant, impl, llik_scale=1.0):
   from mmvae_jax.data.captions import padding_index
   pad = padding_index(padding_quirk)
-  return Modality(
+  return SentenceModality(
       name="sentence",
       encoder=SentenceEncoder(latent_dim=latent_dim, vocab_size=vocab_size, padding_idx=pad,
                               variant=variant),
@@ -412,30 +381,36 @@ def default_image_llik_scale() -> float:
   return SENTENCE_LENGTH / FEATURE_DIM
 
 
-def cub_model(kind: str = "mmvae", latent_dim: int = 64, *, llik_scaling: float = 0.0,
-              vocab_size: int = VOCAB_SIZE, learn_prior: bool = True, padding_quirk: bool = True,
-              variant: str = "ft", decoder_impl: str = "auto") -> CubMMVAE:
-  """The official cubISft MMVAE (kind "mmvae"; modalities "image", "sentence") or one of its
-  single-modality VAEs ("vae_sentence", "vae_image"; λ = 1 as the official unimodal models).
+def cub_modalities(latent_dim: int = 64, *, llik_scaling: float = 0.0,
+                   vocab_size: int = VOCAB_SIZE, padding_quirk: bool = True, variant: str = "ft",
+                   decoder_impl: str = "auto") -> tuple[Modality, Modality]:
+  """The modalities ("image", "sentence") of the CUB image-feature + caption model.
 
   Args:
-    llik_scaling: λ_image; 0 means 32/2048 (the README run uses 0.002). Sentence λ = 1.
+    llik_scaling: λ_image; 0 means 32/2048 (the README run of the official code uses 0.002).
+      Sentence λ = 1.
     vocab_size: V (the official vocabulary has 1590 words).
-    padding_quirk: index 0 (``<exc>``, official) or 1 (``<pad>``) is the padding/ignored token.
+    padding_quirk: index 0 (``<exc>``, as the official code) or 1 (``<pad>``) is the padding
+      token the likelihood ignores (docs/official-code.md#padding-index-of-the-caption-embedding).
     variant: sentence CNN "ft" (cubISft) or "cubS".
   """
-  if kind not in ("mmvae", "vae_sentence", "vae_image"):
-    raise ValueError(f"unknown CUB model {kind!r}: choose mmvae, vae_sentence or vae_image")
   lam = llik_scaling if llik_scaling else default_image_llik_scale()
-  if kind == "mmvae":
-    mods = (_image_modality(latent_dim, lam),
-            _sentence_modality(latent_dim, vocab_size, padding_quirk, variant, decoder_impl))
-  elif kind == "vae_sentence":
-    mods = (_sentence_modality(latent_dim, vocab_size, padding_quirk, variant, decoder_impl),)
-  else:
-    mods = (_image_modality(latent_dim, 1.0),)
-  return CubMMVAE(modalities=mods, latent_dim=latent_dim, prior_family="normal",
-                  prior_scale=dists.softplus_scale, learn_prior=learn_prior)
+  return (_image_modality(latent_dim, lam),
+          _sentence_modality(latent_dim, vocab_size, padding_quirk, variant, decoder_impl))
+
+
+def cub_model(kind: str = "mmvae", latent_dim: int = 64, *, llik_scaling: float = 0.0,
+              vocab_size: int = VOCAB_SIZE, learn_prior: bool = True, padding_quirk: bool = True,
+              variant: str = "ft", decoder_impl: str = "auto"):
+  """The cubISft model `kind` of the registry of `mmvae_jax.models` ("mmvae"; "vae_sentence",
+  "vae_image": the single-modality VAEs, λ = 1; any other registered model over the same
+  modalities) with a Normal(0, softplus(ℓ) + 1e-6) learned prior where the model has one."""
+  from mmvae_jax import models
+  mods = cub_modalities(latent_dim, llik_scaling=llik_scaling, vocab_size=vocab_size,
+                        padding_quirk=padding_quirk, variant=variant, decoder_impl=decoder_impl)
+  options = models.ModelOptions(latent_dim=latent_dim, learn_prior=learn_prior,
+                                prior_family="normal", prior_scale=dists.softplus_scale)
+  return models.build(kind, mods, options)
 
 
 def count_params(tree: Any) -> int:

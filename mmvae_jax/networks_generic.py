@@ -1,6 +1,6 @@
 """MLP encoder and decoder for images of any shape (the official MNIST MLP, shape-generic).
 
-Layer widths and activations are those of the official MNIST MLP (spec §6.1): a 400-unit hidden
+Layer widths and activations are those of the official MNIST MLP: a 400-unit hidden
 layer with ReLU (`num_hidden_layers` of them), two linear heads for the latent mean and the
 scale pre-activation; the decoder mirrors it and ends in a sigmoid, clamped to
 [1e-6, 1 − 1e-6] as the official MNIST decoder (set `clamp=0` to skip the clamp). Every linear

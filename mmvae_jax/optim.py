@@ -2,7 +2,7 @@
 
 `optax.amsgrad` keeps the running maximum of the *bias-corrected* second moment; PyTorch (and
 so the official MMVAE) keeps the maximum of the *raw* second moment and bias-corrects after
-(spec §3.3). Per element, at step t >= 1::
+(see docs/official-code.md#amsgrad-variant). Per element, at step t >= 1::
 
     m_t = b1 m_{t-1} + (1 - b1) g_t
     v_t = b2 v_{t-1} + (1 - b2) g_t²

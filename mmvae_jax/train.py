@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from mmvae_jax import parallel
-from mmvae_jax.model import MMVAE
+from mmvae_jax.models.base import DEFAULT_ESTIMATOR, MultimodalVAE
 from mmvae_jax.optim import torch_amsgrad
 
 log = logging.getLogger("mmvae_jax")
@@ -39,19 +39,15 @@ log = logging.getLogger("mmvae_jax")
 
 @dataclasses.dataclass
 class TrainConfig:
-  """Hyper-parameters of a run; the defaults are the official MNIST-SVHN headline run."""
-  k: int = 30                     # importance samples per expert
-  estimator: str = "legacy"       # legacy | dreg | iwae (see mmvae_jax.loss)
-  objective: str = "moe_iwae"     # moe_iwae | moe_elbo
+  """What the training loop reads; model and data choices live in `mmvae_jax.config.RunConfig`."""
+  k: int = 30                     # importance samples per expert (or proposal)
+  estimator: str = DEFAULT_ESTIMATOR  # dreg | legacy | iwae (see mmvae_jax.loss)
+  objective: str = "auto"         # a name of the model's `objectives`; auto: its default
   looser: bool = True             # eq. (3), the stratified bound
-  learn_prior: bool = True
-  latent_dim: int = 20
   batch_size: int = 128           # global batch
   epochs: int = 30
   max_steps: int = 0              # stop after this many steps in total (0: no limit)
   lr: float = 1e-3
-  llik_scaling: float = 0.0       # 0: λ_MNIST = 3072/784
-  partners: int = 30
   seed: int = 1
   eval_every: int = 0             # steps between test evaluations (0: at each epoch end)
   eval_batches: int = 0           # test batches per evaluation (0: the whole test set)
@@ -59,6 +55,7 @@ class TrainConfig:
   checkpoint_every: int = 1000    # steps between checkpoints (and at each epoch end)
   log_every: int = 10
   keep_checkpoints: int = 3
+  figures: bool = True            # generation / reconstruction PNGs at each epoch end
 
   def validate(self, num_devices: int) -> None:
     """Raises ValueError with a one-line message for the first impossible value."""
@@ -67,24 +64,22 @@ class TrainConfig:
       raise ValueError(f"--k must be >= 1, got {self.k}")
     if self.estimator not in ESTIMATORS:
       raise ValueError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
-    if self.objective not in ("moe_iwae", "moe_elbo"):
-      raise ValueError(f"--objective must be moe_iwae or moe_elbo, got {self.objective!r}")
     if self.batch_size < 1 or self.batch_size % num_devices:
       raise ValueError(f"--batch_size={self.batch_size} must be a positive multiple of the "
                        f"{num_devices} local device(s)")
     eval_bs = self.eval_batch_size or self.batch_size
     if eval_bs % num_devices:
       raise ValueError(f"--eval_batch_size={eval_bs} must be a multiple of the {num_devices} devices")
-    for name in ("epochs", "latent_dim", "partners"):
+    if self.epochs < 1:
+      raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+    for name in ("log_every", "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-    for name in ("max_steps", "eval_every", "eval_batches", "checkpoint_every"):
+    for name in ("max_steps", "eval_every", "eval_batches", "eval_batch_size", "checkpoint_every"):
       if getattr(self, name) < 0:
         raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
     if not self.lr > 0:
       raise ValueError(f"--lr must be > 0, got {self.lr}")
-    if self.llik_scaling < 0:
-      raise ValueError(f"--llik_scaling must be >= 0, got {self.llik_scaling}")
 
 
 @chex.dataclass
@@ -100,7 +95,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
   return torch_amsgrad(config.lr)
 
 
-def init_state(model: MMVAE, optimizer: optax.GradientTransformation, key: jax.Array
+def init_state(model: MultimodalVAE, optimizer: optax.GradientTransformation, key: jax.Array
                ) -> TrainState:
   params = model.init(key)
   return TrainState(params=params, opt_state=optimizer.init(params),
@@ -111,7 +106,7 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(model: MMVAE, optimizer: optax.GradientTransformation, config: TrainConfig
+def make_train_step(model: MultimodalVAE, optimizer: optax.GradientTransformation, config: TrainConfig
                     ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
   """Returns the pure training step ``(state, batch, rng) -> (state, metrics)``.
 
@@ -146,12 +141,12 @@ def make_train_step(model: MMVAE, optimizer: optax.GradientTransformation, confi
   return train_step
 
 
-def make_eval_step(model: MMVAE, num_samples: int) -> Callable[[Any, dict, jax.Array], dict]:
-  """Tight MoE-IWAE (the official test objective) summed over the unmasked examples."""
+def make_eval_step(model: MultimodalVAE, num_samples: int) -> Callable[[Any, dict, jax.Array], dict]:
+  """The model's test bound (`test_objective`) summed over the unmasked examples."""
 
   def eval_step(params, batch, rng):
     mask = batch["mask"].astype(jnp.float32)
-    obj = model.objective(params, batch["x"], rng, num_samples, looser=False, estimator="iwae")
+    obj = model.test_objective(params, batch["x"], rng, num_samples)
     return {"objective_sum": jnp.sum(obj * mask), "count": jnp.sum(mask)}
 
   return eval_step
@@ -256,7 +251,7 @@ class CheckpointError(ValueError):
   """A checkpoint that is missing or does not fit the model (one-line message)."""
 
 
-def restore_params(model: MMVAE, config: dict | TrainConfig, workdir: str, step: int = -1
+def restore_params(model: MultimodalVAE, config: dict | TrainConfig, workdir: str, step: int = -1
                    ) -> tuple[Any, int, dict]:
   """Parameters of checkpoint `step` (-1: the latest) of a training workdir.
 
@@ -323,7 +318,7 @@ def evaluate(eval_step, params, dataset, mesh, *, batch_size: int, seed: int, ma
   return {"test_objective": total / max(count, 1.0), "test_examples": count}
 
 
-def save_figures(model: MMVAE, params, test_set, workdir: str, tag: str, seed: int) -> list[str]:
+def save_figures(model: MultimodalVAE, params, test_set, workdir: str, tag: str, seed: int) -> list[str]:
   """PNGs: 64 prior samples in every modality side by side; reconstructions and
   cross-generations of the first 8 test pairs (rows: data, then recon[e][d])."""
   from mmvae_jax import visualize
@@ -338,8 +333,9 @@ def save_figures(model: MMVAE, params, test_set, workdir: str, tag: str, seed: i
   return paths
 
 
-def train_and_evaluate(model: MMVAE, config: TrainConfig, workdir: str, train_set, test_set, *,
-                       devices=None, progress: bool | None = None, figures: bool = True) -> dict:
+def train_and_evaluate(model: MultimodalVAE, config: TrainConfig, workdir: str, train_set, test_set, *,
+                       devices=None, progress: bool | None = None, figures: bool | None = None
+                       ) -> dict:
   """Trains `model` on the paired `train_set`, resuming from `workdir` when it has a checkpoint.
 
   Returns the last logged metrics (train and, if evaluated, test).
@@ -348,6 +344,9 @@ def train_and_evaluate(model: MMVAE, config: TrainConfig, workdir: str, train_se
 
   mesh = parallel.data_mesh(devices)
   config.validate(mesh.devices.size)
+  model.resolve_objective(config.objective)  # ValueError naming the model's objectives
+  if figures is None:
+    figures = config.figures
   os.makedirs(workdir, exist_ok=True)
   optimizer = make_optimizer(config)
   state = parallel.replicate(init_state(model, optimizer, jax.random.key(config.seed)), mesh)

@@ -28,7 +28,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def shared_data():
-  """Path of ../shared/data (real MNIST, USPS, ...); skips when the checkout has none."""
+  """Folder of the real data arrays (mnist.npz, usps.npz, usps_colour.npz, ...) beside the
+  repository; skips when it is absent."""
   if not SHARED_DATA.is_dir():
-    pytest.skip(f"real data arrays not found at {SHARED_DATA} (a plain checkout has no ../shared)")
+    pytest.skip(f"real data arrays not found at {SHARED_DATA} (a plain checkout has none)")
   return SHARED_DATA

@@ -1,8 +1,8 @@
 """An independent PyTorch implementation of the official MNIST-SVHN MMVAE and its objectives.
 
-Written from the specification of the official code (../shared/reference/official-code-spec.md beside the repository,
-§4.4-4.6 objectives, §5 distributions and scale constraints, §6.1-6.3 networks, §6.9 forward
-pass), not copied from any repository. It is a *reference* for tests and experiments, used to
+Written from a description of the official code's behaviour (its objectives, distributions and
+scale constraints, networks and forward pass; docs/official-code.md lists where it departs from
+the paper), not copied from any repository. It is a *reference* for tests and experiments, used to
 check that the JAX port computes the same losses and gradients as the released code:
 
 * `MnistEnc`, `MnistDec`, `SvhnEnc`, `SvhnDec`: the networks, NCHW, official layer order;
@@ -11,8 +11,9 @@ check that the JAX port computes the same losses and gradients as the released c
   forward pass that decodes the M×M matrix of (encoder, decoder) pairs;
 * `m_iwae_looser`, `m_iwae` and `m_dreg_looser` (the paper/README training objective as
   released: the DReG gradient hook is registered on a stacked *copy* of the samples that is not
-  on the backward path, so it never fires, spec §4.6), and ``m_dreg_looser(..., hook_live=True)``,
-  the hook on the live samples (true DReG as intended, spec §4.7);
+  on the backward path, so it never fires; docs/official-code.md#the-dreg-hook-that-never-fires),
+  and ``m_dreg_looser(..., hook_live=True)``, the hook on the live samples (true DReG, as
+  intended);
 * `state_dict_from_flax`: the parameters of `mmvae_jax.model.mnist_svhn()` (a flax tree, NHWC
   kernels) as this module's ``state_dict`` (PyTorch layouts); `flax_layout_to_torch` maps any
   tree of the same structure (e.g. gradients) the same way.
@@ -38,7 +39,7 @@ LIK_SCALE = 0.75
 
 
 # ---------------------------------------------------------------------------------------------
-# Networks (spec §6.1, §6.2). Inputs NCHW in [0, 1].
+# Networks (the official MNIST MLP and SVHN CNN). Inputs NCHW in [0, 1].
 
 
 class MnistEnc(nn.Module):
@@ -108,7 +109,7 @@ class SvhnDec(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The MMVAE (spec §5.5, §6.3, §6.9).
+# The MMVAE: distributions, scale constraints, λ and the forward pass.
 
 
 class MMVAE(nn.Module):
@@ -152,7 +153,8 @@ class MMVAE(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Objectives (spec §4.1, §4.4, §4.6). Values to maximise, summed over the batch.
+# Objectives (log weights, m_elbo, the IWAE and DReG bounds). Values to maximise, summed over
+# the batch.
 
 
 def log_mean_exp(value, dim=0):
@@ -191,8 +193,8 @@ def m_dreg_looser(model: MMVAE, xs, K: int, noise=None, hook_live: bool = False)
 
   As released (hook_live=False) the gradient hook that should multiply the z cotangent by w̃ is
   registered on a stacked copy of the samples that the loss does not depend on, so it never
-  fires (spec §4.6). hook_live=True registers it on the live per-expert samples (true DReG,
-  spec §4.7). `m_dreg_looser.hook_calls` counts the hook's calls of the last backward pass.
+  fires. hook_live=True registers it on the live per-expert samples (true DReG, the w̃²
+  weighting). `m_dreg_looser.hook_calls` counts the hook's calls of the last backward pass.
   """
   qz_xs, zss, px_zs = model(xs, K, noise)
   qz_xs_ = [Laplace(q.loc.detach(), q.scale.detach()) for q in qz_xs]

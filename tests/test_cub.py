@@ -63,7 +63,7 @@ def test_real_test_captions(shared_data):
   classes = cub.image_classes(f.class_ids)  # raises unless the 10 captions of an image agree
   cub.check_alignment(len(f.captions), len(classes))
   toks = cap.tokenize_all(f.captions)
-  # Spec §8.3: about 2.3% of the test captions exceed 31 words (truncated to 31 + <eos>).
+  # About 2.3% of the test captions exceed 31 words (truncated to 31 + <eos>).
   frac = np.mean([len(t) > 31 for t in toks])
   assert 0.020 < frac < 0.026, frac
   v = cap.build_vocabulary(toks)
@@ -361,7 +361,8 @@ def _run_cub(*args):
 def test_cub_script_flag_errors(tmp_path):
   r = _run_cub(f"--workdir={tmp_path}")
   assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-      "cub.py: error: --captions is required (e.g. --captions=../shared/data/cub_captions_test.npz)"]
+      "cub.py: error: --captions is required (a .txt of captions, one per line, or an .npz with "
+      "'captions' and 'class_id')"]
   (tmp_path / "c.txt").write_text("a bird.\n" * 20)
   r = _run_cub(f"--workdir={tmp_path}", f"--captions={tmp_path / 'c.txt'}", "--synthetic_features")
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
@@ -371,16 +372,16 @@ def test_cub_script_flag_errors(tmp_path):
 
 
 def test_token_accuracy_counts_up_to_first_eos():
-  mod = _load_script("cub")
+  from mmvae_jax.experiments import cub as mod
   truth = np.array([[5, 6, cap.EOS, cap.PAD], [7, cap.EOS, cap.PAD, cap.PAD]])
   pred = np.array([[5, 0, cap.EOS, 9], [7, 7, 1, 1]])
   assert mod.token_accuracy(pred, truth) == pytest.approx(3 / 5)
 
 
-def test_evaluate_dispatches_cub_workdirs(tmp_path):
+def test_evaluate_refuses_unreadable_run_json_in_one_line(tmp_path):
   (tmp_path / "run.json").write_text('{"model": "cub_vae_sentence", "config": {}}')
   r = subprocess.run([sys.executable, str(REPO / "experiments" / "evaluate.py"),
                       f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=120,
                      env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-  assert "Table 4 needs the image-feature + caption MMVAE (cub_mmvae)" in r.stderr
+  assert "run.json schema 1" in r.stderr

@@ -13,7 +13,7 @@ from mmvae_jax.data import (DatasetNotPreparedError, PairedDataset, Source, batc
                             global_batch_rows, host_batches, load_source, num_batches,
                             pair_by_label, source_from_arrays)
 
-# Standard per-class counts (digits 0..9); spec §8.2 and shared/data/README.md.
+# Standard per-class counts of the datasets (digits 0..9).
 MNIST_TRAIN = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 SVHN_TRAIN = [4948, 13861, 10585, 8497, 7458, 6882, 5727, 5595, 5045, 4659]
@@ -39,7 +39,7 @@ def test_pair_counts_from_official_class_counts(partners, train, test):
   # Every MNIST test image is used, `partners` times; 10,000 of the SVHN test images.
   assert np.all(np.bincount(te[0], minlength=10000) == partners)
   assert len(np.unique(te[1])) == 10000
-  # Batches at B = 128 (spec §8.2): 13,141 train (last 120), 2,344 test (last 96).
+  # Batches at B = 128, as the official loaders: 13,141 train (last 120), 2,344 test (last 96).
   assert num_batches(train, 128) == (13_141 if partners == 30 else 8_761)
   if partners == 30:
     assert train - 13_140 * 128 == 120 and test - 2_343 * 128 == 96

@@ -12,9 +12,9 @@ Everything else (densities, log-mean-exp, mixture density, likelihoods, KLs, gra
 recomputed by hand in NumPy float64; the hand-derived gradients are cross-checked against autodiff
 of a separate hand-written JAX implementation run in float64 (`jax.enable_x64`).
 
-Gradient semantics (spec §4.6, §4.7), with c = 1/M and w̃ = softmax over K per (m, b) for the
-stratified ("looser") bound, and c = 1 and w̃ = softmax over all M·K samples per b for the tight
-bound:
+Gradient semantics (see docs/official-code.md#the-dreg-hook-that-never-fires), with c = 1/M and
+w̃ = softmax over K per (m, b) for the stratified ("looser") bound, and c = 1 and w̃ = softmax
+over all M·K samples per b for the tight bound:
 
 * decoders and prior (every estimator): Σ_{m,k,b} c·w̃ ∇ lw;
 * encoder m, ``legacy``: Σ_{k,b} c·w̃ (∂lw/∂z)(∂z/∂φ_m), every expert's parameters constant inside
@@ -213,7 +213,7 @@ def np_reference(z, params, data, post, lik, looser):
 
 # ---------------------------------------------------------------------------------------------
 # Independent float64 JAX reference (hand-written densities, no distrax, no library code):
-# autodiff of the bound, the surrogates of spec §4.6 and §4.7(b), and variants with a misplaced
+# autodiff of the bound, the surrogates of `legacy` and `dreg`, and variants with a misplaced
 # stop-gradient that a correct implementation must NOT match.
 
 
@@ -274,11 +274,11 @@ def _ref_variants(post, lik, looser):
   def iwae(p, data, eps):  # live everything
     return bound(lw_of(p, data, eps, (p["mu"], p["s"]))).sum()
 
-  def stl(p, data, eps):  # spec §4.6 surrogate: q parameters stopped in log q_Φ, w̃ constant
+  def stl(p, data, eps):  # legacy surrogate: q parameters stopped in log q_Φ, w̃ constant
     lw = lw_of(p, data, eps, q_stopped(p))
     return coef(lw) * jnp.sum(sg(weights(lw)) * lw)
 
-  def dreg(p, data, eps):  # spec §4.7(b): two surrogates
+  def dreg(p, data, eps):  # true DReG as two surrogates: decoders/prior and encoders
     lw_dec = lw_of(stopped(p, ENCODER), data, eps, q_stopped(p))  # z constant, θ and ψ live
     lw_enc = lw_of(stopped(p, DECODER), data, eps, q_stopped(p))  # z live, θ and ψ constant
     w = sg(weights(lw_dec))
@@ -486,7 +486,7 @@ def test_iwae_and_elbo_values_match_numpy(post, num_samples):
 
 
 def np_moe_elbo(params, data, post, lik, z_self):
-  """Official m_elbo value (spec §4.4) from the self samples z_self (M, B, D), float64."""
+  """Official m_elbo value from the self samples z_self (M, B, D), float64."""
   num_modalities = z_self.shape[0]
   mu, s = params["mu"], params["s"]
   log_q = lambda r, z: np_density(z, mu[r], s[r], post)[0].sum(-1)
@@ -503,7 +503,7 @@ def np_moe_elbo(params, data, post, lik, z_self):
 
 
 def _ref_moe_elbo(post, lik):
-  """Independent float64 JAX transcription of m_elbo with its stop-gradients (spec §4.4)."""
+  """Independent float64 JAX transcription of m_elbo with its stop-gradients."""
   sg = jax.lax.stop_gradient
 
   def dens(x, loc, scale, family):
@@ -622,7 +622,7 @@ def test_gradient_matches_hand_derived(config, looser, estimator):
 @pytest.mark.parametrize("config,looser", AUTODIFF_CASES, ids=AUTODIFF_IDS)
 def test_hand_derived_gradients_equal_float64_autodiff(config, looser):
   """Two independent derivations: the NumPy formulas equal float64 autodiff of the bound (iwae)
-  and of the surrogates of spec §4.6 (legacy) and §4.7(b) (dreg); and the library matches the
+  and of the surrogates of legacy and dreg; and the library matches the
   autodiff references too."""
   ref = run_config(config)["ref"][looser][1]
   auto = run_autodiff(config)[looser]

@@ -1,10 +1,11 @@
 """The JAX MNIST-SVHN MMVAE against an independent PyTorch implementation of the official code.
 
 `tests/official_torch.py` implements the official model and its released objectives in PyTorch
-from the spec (networks in NCHW with PyTorch's own layers, `torch.distributions.Laplace`, the
-inert DReG hook). Here both sides run in float64 on the same random parameters (ours, converted
-to PyTorch layouts), the same random data and the same standard-Laplace noise ε (drawn exactly
-as `mmvae_jax.loss.sample_experts` draws it, then fed to PyTorch as z = μ + s·ε), and we check:
+from a description of its behaviour (networks in NCHW with PyTorch's own layers,
+`torch.distributions.Laplace`, the inert DReG hook). Here both sides run in float64 on the same
+random parameters (ours, converted to PyTorch layouts), the same random data and the same
+standard-Laplace noise ε (drawn exactly as `mmvae_jax.loss.sample_experts` draws it, then fed to
+PyTorch as z = μ + s·ε), and we check:
 
 * the log weights lw[m, k, b] and the bound values agree;
 * ``estimator="legacy"`` has exactly the gradient of the released ``m_dreg_looser`` (every
@@ -125,7 +126,7 @@ def test_parameter_trees_match():
   tmodel = ot.model_from_flax(params)
   n_torch = sum(p.numel() for p in tmodel.parameters() if p.requires_grad)
   n_jax = sum(np.size(a) for a in jax.tree.leaves(params))
-  assert n_torch == n_jax == 1_106_947 + D  # spec §6.3: networks + learned prior logits
+  assert n_torch == n_jax == 1_106_947 + D  # networks + learned prior logits
 
 
 def test_log_weights_and_values(results):
@@ -148,7 +149,7 @@ def test_log_weights_and_values(results):
 
 def test_legacy_equals_released_m_dreg_looser(results):
   value, grads, hook_calls = results["torch"]["m_dreg_looser"]
-  assert hook_calls == 0  # the released hook never fires (spec §4.6)
+  assert hook_calls == 0  # the released hook never fires
   _assert_same_grads(results["jax_grads"]["legacy"], grads)
 
 

@@ -9,7 +9,7 @@ from mmvae_jax.optim import torch_amsgrad
 
 
 def torch_amsgrad_reference(params, grads_seq, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
-  """torch.optim.Adam(amsgrad=True), per element, float64 (spec §3.3)."""
+  """torch.optim.Adam(amsgrad=True), per element, float64 (max over the raw second moment)."""
   theta = params.astype(np.float64)
   m = np.zeros_like(theta)
   v = np.zeros_like(theta)

@@ -1,4 +1,4 @@
-"""CUB captions: tokenisation, the vocabulary and fixed-length token sequences (spec §8.3).
+"""CUB captions: tokenisation, the vocabulary and fixed-length token sequences.
 
 As the official ``CUBSentences``:
 
@@ -14,10 +14,11 @@ As the official ``CUBSentences``:
 * **Sequences**: the first 31 word tokens, then ``<eos>``, right-padded with ``<pad>`` to 32;
   length = number of tokens including ``<eos>``. Unknown words become ``<exc>``.
 
-The padding quirk (spec §6.5, trap 7): the official networks treat index 0 as the padding index
+The padding quirk: the official networks treat index 0 as the padding index
 (the embedding's zero, gradient-free row and the token the likelihood ignores), but index 0 is
 ``<exc>``, so OOV tokens are ignored and ``<pad>`` tokens are scored. `padding_index(quirk)` gives
-0 (official, default) or 1 (``<pad>``, the fix).
+0 (official, default) or 1 (``<pad>``, the fix). See
+docs/official-code.md#padding-index-of-the-caption-embedding.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CUB image features + captions (spec §6.8, §8.3-8.6): loading, pairing, splits, NN lookup.
+"""CUB image features + captions: loading, pairing, splits, nearest-neighbour lookup.
 
 Pairing: the official loaders zip 10 captions per image, caption i with image ⌊i/10⌋ (the
 caption file lists the captions of each image in the order of the sorted image files). A
@@ -8,10 +8,10 @@ caption list.
 Features: (N_images, 2048) float32 ResNet-101 pooled features in ``.npy`` files, as written by
 experiments/extract_cub_features.py (``train.npy`` / ``test.npy`` in a folder, or one file).
 Captions: a ``.txt`` file with one caption per line (the official ``text_*classes.txt``) or an
-``.npz`` with a ``captions`` string array (and optionally ``class_id``, as
-``../shared/data/cub_captions_test.npz``).
+``.npz`` with a ``captions`` string array (and optionally ``class_id``, e.g. a
+``cub_captions_test.npz`` holding the captions of the 50 test classes).
 
-Offline, only the 50 test classes' captions exist and there are no images or features:
+For an offline check with only the 50 test classes' captions (no images, no features):
 `split_by_image` holds out a seeded fraction of the images (with their 10 captions each) as a
 test split, and `synthetic_features` draws class-conditional stand-in features (NOT ResNet
 features: a random non-negative mean per class plus noise, clipped at 0 as post-ReLU features).
@@ -45,7 +45,7 @@ def load_captions(path: str) -> CaptionFile:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such caption file (give a .txt with one caption per line "
-                            f"or an .npz with a 'captions' array, e.g. ../shared/data/"
+                            f"or an .npz with a 'captions' array, e.g. "
                             f"cub_captions_test.npz)")
   if path.lower().endswith(".npz"):
     try:
@@ -244,7 +244,7 @@ class CubPairs:
 
 def nearest_neighbours(query: np.ndarray, bank: np.ndarray, chunk: int = 1024
                        ) -> tuple[np.ndarray, np.ndarray]:
-  """Index of the nearest bank feature for every query (spec §8.6, the "feature search").
+  """Index of the nearest bank feature for every query (the paper's "feature search").
 
   Distance sqrt(1e-5 + |‖q − b‖²|), as the official lookup.
 

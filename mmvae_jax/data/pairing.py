@@ -1,4 +1,4 @@
-"""Pairing of unimodal datasets by class label (MNIST-SVHN style, Shi et al. 2019 §5).
+"""Pairing of unimodal datasets by class label (MNIST-SVHN style, as in Shi et al. 2019).
 
 For each class c, the first n_c = min(count of c in every source, max_per_class) instances of
 each source (in the order of a stable argsort of its labels) are used, and each source's list
@@ -10,7 +10,8 @@ class in every other source.
 the official script (bin/make-mnist-svhn-idx.py) uses 30. The default here follows the code
 (30): MNIST-SVHN then has 1,682,040 train and 300,000 test pairs. `partners=20` reproduces the
 paper's wording. The official script is unseeded (PyTorch's global generator), so its exact
-index files cannot be reproduced; ours are a function of `seed` only.
+index files cannot be reproduced; ours are a function of `seed` only. See
+docs/official-code.md#partners-per-instance.
 """
 from __future__ import annotations
 

@@ -1,0 +1,78 @@
+"""The configuration of a run: one flat dataclass, the whole of it stored in run.json.
+
+`RunConfig` holds every value a run depends on (experiment, model, data, training); the
+experiment scripts fill it from flags (`mmvae_jax.cli`), `mmvae_jax.runs.load_run` reads it back,
+and `RunConfig.train_config()` is the part the training loop reads (`mmvae_jax.train.TrainConfig`).
+Experiment-specific values (CUB's caption files, say) live in ``options``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from mmvae_jax.models.base import DEFAULT_ESTIMATOR
+
+SCHEMA = 2  # version of run.json
+
+
+@dataclasses.dataclass
+class RunConfig:
+  """Everything a run depends on. Defaults: the MNIST-SVHN headline run of the paper."""
+  experiment: str = "mnist_svhn"
+  model: str = "mmvae"
+  # model
+  latent_dim: int = 20
+  learn_prior: bool = True
+  llik_scaling: float = 0.0       # 0: the experiment's λ rule; else λ of the first modality
+  expert_scale: str = "logvar"    # scale of Gaussian experts (product-of-experts models)
+  decoder_impl: str = "auto"      # transposed-convolution formulation (not in the parameters)
+  # data
+  sources: dict = dataclasses.field(default_factory=dict)  # {modality: tfds name or .npz}
+  data_dir: str | None = None
+  partners: int = 30
+  options: dict = dataclasses.field(default_factory=dict)  # experiment-specific values
+  # training (mmvae_jax.train.TrainConfig)
+  k: int = 30
+  estimator: str = DEFAULT_ESTIMATOR
+  objective: str = "auto"
+  looser: bool = True
+  batch_size: int = 128
+  epochs: int = 30
+  max_steps: int = 0
+  lr: float = 1e-3
+  seed: int = 1
+  eval_every: int = 0
+  eval_batches: int = 0
+  eval_batch_size: int = 0
+  checkpoint_every: int = 1000
+  log_every: int = 10
+  keep_checkpoints: int = 3
+  figures: bool = True
+
+  def train_config(self):
+    """The `mmvae_jax.train.TrainConfig` of this run."""
+    from mmvae_jax.train import TrainConfig
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+    """A config from run.json's "config" (unknown keys: ValueError naming them)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f"unknown config entries {unknown}")
+    return cls(**values)
+
+  def validate(self) -> None:
+    """ValueError with a one-line message for the first impossible value (devices aside)."""
+    self.train_config().validate(1)
+    if self.latent_dim < 1:
+      raise ValueError(f"--latent_dim must be >= 1, got {self.latent_dim}")
+    if self.partners < 1:
+      raise ValueError(f"--partners must be >= 1, got {self.partners}")
+    if self.llik_scaling < 0:
+      raise ValueError(f"--llik_scaling must be >= 0, got {self.llik_scaling}")

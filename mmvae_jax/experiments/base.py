@@ -1,0 +1,85 @@
+"""The experiment interface: data → modalities → model, from a `RunConfig`."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from mmvae_jax import models
+from mmvae_jax.config import RunConfig
+
+
+@dataclasses.dataclass
+class Data:
+  """What `Experiment.build_data` returns.
+
+  Attributes:
+    train, test: paired datasets (``len``, ``gather(rows) -> (xs, labels)``) whose modalities
+      are the model's, in order.
+    description: JSON-able facts about the data (sizes, sources, split), stored in run.json.
+    extras: experiment-specific objects (e.g. CUB's vocabulary).
+  """
+  train: Any
+  test: Any
+  description: dict
+  extras: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def shapes(self) -> dict:
+    return dict(self.description.get("shapes", {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A dataset pairing and its networks.
+
+  Attributes:
+    name: registry name.
+    modalities: the modality names, in batch order.
+    defaults: `RunConfig` values this experiment changes (e.g. CUB's K = 50).
+    paper: the paper's reference numbers for this experiment ({} when it has none).
+    evaluation: "digits" (classifier coherence, probe, likelihoods, figures) or "cca" (CUB).
+  """
+  name: str
+  modalities: tuple[str, ...]
+  defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  paper: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  evaluation: str = "digits"
+
+  # -- what a subclass provides --------------------------------------------------------------
+
+  def option_flags(self) -> dict:
+    """{name: (default, help)} of the experiment's own settings (RunConfig.options)."""
+    return {}
+
+  def build_data(self, config: RunConfig, *, workdir: str | None = None,
+                 resume: bool = False) -> Data:
+    raise NotImplementedError
+
+  def build_modalities(self, config: RunConfig, data: Data) -> tuple[models.Modality, ...]:
+    raise NotImplementedError
+
+  def model_options(self, config: RunConfig) -> models.ModelOptions:
+    return models.ModelOptions(latent_dim=config.latent_dim, learn_prior=config.learn_prior,
+                               expert_scale=config.expert_scale)
+
+  def prepare_params(self, model, params, data: Data, config: RunConfig):
+    """Parameters as evaluation needs them (e.g. with population BatchNorm statistics)."""
+    del model, data, config
+    return params
+
+  # -- shared --------------------------------------------------------------------------------
+
+  def config(self, **values) -> RunConfig:
+    """A `RunConfig` of this experiment: its defaults, then `values`."""
+    return RunConfig(experiment=self.name, **{**dict(self.defaults), **values})
+
+  def used_modalities(self, config: RunConfig) -> tuple[str, ...]:
+    return models.used_modalities(config.model, self.modalities)
+
+  def model_names(self) -> list[str]:
+    return models.names(self.modalities)
+
+  def build_model(self, config: RunConfig, data: Data):
+    """The model `config.model` over the modalities the data hold."""
+    return models.build(config.model, self.build_modalities(config, data),
+                        self.model_options(config))

@@ -1,0 +1,221 @@
+"""Runs on disk: run.json (one schema for every experiment), training a run, loading one back.
+
+A run's workdir holds ``run.json``, ``checkpoints/``, ``metrics.jsonl`` and whatever its
+experiment writes (figures, CUB's vocabulary, evaluation results). ``run.json``::
+
+    {"schema": 2, "experiment": "three_digits", "model": "mvae",
+     "config": {... every RunConfig field ...},
+     "data": {... the experiment's data description: sources, shapes, sizes ...},
+     "modalities": {name: {"shape": [...], "llik_scale": λ}}, "devices": [...]}
+
+    import mmvae_jax
+    run = mmvae_jax.load_run("runs/three_digits")      # latest checkpoint
+    run.model, run.params, run.config, run.data_spec
+    data = run.data()                                   # train / test sets, built on demand
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+from mmvae_jax.config import SCHEMA, RunConfig
+
+log = logging.getLogger("mmvae_jax")
+RUN_FILE = "run.json"
+
+
+class RunError(ValueError):
+  """A run that cannot be read, built or restored (one-line message)."""
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# run.json
+
+
+def run_info(config: RunConfig, model, data) -> dict:
+  """The contents of run.json for a run of `model` on `data` with `config`."""
+  import jax
+  return {"schema": SCHEMA, "experiment": config.experiment, "model": config.model,
+          "config": config.to_dict(), "data": data.description,
+          "modalities": {m.name: {"shape": list(m.data_shape), "llik_scale": m.llik_scale}
+                         for m in model.modalities},
+          "devices": [str(d) for d in jax.devices()]}
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (a temporary file, then a rename)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2, ensure_ascii=False, default=_json_default)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _json_default(o):
+  import math
+  import numpy as np
+  if isinstance(o, np.integer):
+    return int(o)
+  if isinstance(o, np.floating):
+    return None if not math.isfinite(float(o)) else float(o)
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  return str(o)
+
+
+def read_run_info(workdir: str) -> dict:
+  """run.json of `workdir` (RunError when missing, unreadable or of another schema)."""
+  path = os.path.join(workdir, RUN_FILE)
+  if not os.path.isfile(path):
+    raise RunError(f"{path} not found: train a run there first (experiments/mnist_svhn.py, "
+                   f"three_digits.py or cub.py with --workdir={workdir})")
+  try:
+    with open(path) as f:
+      info = json.load(f)
+  except (OSError, ValueError) as e:
+    raise RunError(f"cannot read {path} ({_first_line(e)})") from None
+  if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+    raise RunError(f"{path} is not a run.json of mmvae_jax")
+  if info.get("schema") != SCHEMA:
+    raise RunError(f"{path} has run.json schema {info.get('schema', 1)}; this version of "
+                   f"mmvae_jax reads schema {SCHEMA} (re-train, or load it with the version that "
+                   f"wrote it)")
+  return info
+
+
+def config_from_info(info: dict, path: str = RUN_FILE) -> RunConfig:
+  try:
+    return RunConfig.from_dict(info["config"])
+  except (TypeError, ValueError) as e:
+    raise RunError(f"{path}: {_first_line(e)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a run.
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run: its model, parameters and configuration.
+
+  Attributes:
+    workdir: the run's folder.
+    experiment: its `mmvae_jax.experiments.Experiment`.
+    config: its `RunConfig`.
+    model: the model (any registered model; the protocol of `mmvae_jax.models.MultimodalVAE`).
+    params: the restored parameters (with whatever the experiment adds for evaluation, e.g.
+      population BatchNorm statistics, once `eval_params` has been called).
+    step: the restored checkpoint step.
+    position: the data position of that checkpoint, {"epoch", "step_in_epoch"}.
+    data_spec: run.json's data description (sources, shapes, sizes).
+    info: the whole of run.json.
+  """
+  workdir: str
+  experiment: Any
+  config: RunConfig
+  model: Any
+  params: Any
+  step: int
+  position: dict
+  data_spec: dict
+  info: dict
+  _data: Any = None
+
+  def data(self):
+    """The run's train / test sets (`mmvae_jax.experiments.Data`), built once on demand."""
+    if self._data is None:
+      try:
+        self._data = self.experiment.build_data(self.config, workdir=self.workdir, resume=True)
+      except (FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
+        raise RunError(f"cannot rebuild the data of {self.workdir} ({_first_line(e)})") from None
+    return self._data
+
+  def eval_params(self):
+    """Parameters as evaluation needs them (the experiment's `prepare_params`)."""
+    return self.experiment.prepare_params(self.model, self.params, self.data(), self.config)
+
+
+def build_model(info: dict, config: RunConfig, experiment, workdir: str = ""):
+  """The model a run.json describes (without data: shapes and sizes come from run.json)."""
+  from mmvae_jax.experiments.base import Data
+  spec = Data(train=None, test=None, description=dict(info.get("data") or {}))
+  try:
+    return experiment.build_model(config, spec)
+  except (ValueError, KeyError, TypeError) as e:
+    raise RunError(f"{os.path.join(workdir, RUN_FILE)}: cannot build model {config.model!r} "
+                   f"({_first_line(e)})") from None
+
+
+def load_run(workdir: str, step: int = -1) -> Run:
+  """The model, parameters, config and data spec of checkpoint `step` (-1: latest) of a run.
+
+  Works for runs of every experiment script. Raises `RunError` (one line) when the run or the
+  checkpoint cannot be read or does not fit the model run.json describes.
+  """
+  from mmvae_jax import experiments, train
+  workdir = os.fspath(workdir)
+  info = read_run_info(workdir)
+  path = os.path.join(workdir, RUN_FILE)
+  config = config_from_info(info, path)
+  try:
+    experiment = experiments.get(config.experiment)
+  except ValueError as e:
+    raise RunError(f"{path}: {e}") from None
+  model = build_model(info, config, experiment, workdir)
+  try:
+    params, chosen, position = train.restore_params(model, config.train_config(), workdir, step)
+  except train.CheckpointError as e:
+    raise RunError(str(e)) from None
+  return Run(workdir=workdir, experiment=experiment, config=config, model=model, params=params,
+             step=chosen, position=position, data_spec=dict(info.get("data") or {}), info=info)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training a run.
+
+
+def train_run(config: RunConfig, workdir: str, *, devices=None, progress: bool | None = None
+              ) -> dict:
+  """Builds the data and model of `config`, writes run.json and trains (resuming from the
+  workdir's latest checkpoint). Returns the final metrics (and the experiment's report).
+
+  Raises:
+    RunError: bad data or configuration (one-line message).
+    mmvae_jax.train.NonFiniteLossError: training met a non-finite loss.
+  """
+  import jax
+  from mmvae_jax import experiments, train
+  try:
+    experiment = experiments.get(config.experiment)
+    config.validate()
+    config.train_config().validate(jax.device_count() if devices is None else len(devices))
+  except ValueError as e:
+    raise RunError(str(e)) from None
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    data = experiment.build_data(config, workdir=workdir)
+    model = experiment.build_model(config, data)
+    model.resolve_objective(config.objective)
+  except (FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
+    raise RunError(_first_line(e)) from None
+  write_json(os.path.join(workdir, RUN_FILE), run_info(config, model, data))
+  log.info("%s %s on %s: %d train / %d test pairs; %d device(s)", config.model,
+           list(model.names), config.experiment, len(data.train), len(data.test),
+           jax.device_count())
+  final = train.train_and_evaluate(model, config.train_config(), workdir, data.train, data.test,
+                                   devices=devices, progress=progress)
+  after = getattr(experiment, "after_training", None)
+  if after is not None:
+    final = after(model, config, data, workdir, final)
+  return final
