@@ -14,7 +14,7 @@ import functools
 from typing import Callable
 
 from mmvae_jax import distributions as dists
-from mmvae_jax.models import mmvae, mvae
+from mmvae_jax.models import mmvae, mopoe, mvae
 from mmvae_jax.models.base import (DEFAULT_ESTIMATOR, Modality, MultimodalVAE, UniformMixture,
                                    components)
 from mmvae_jax.models.mmvae import MMVAE
@@ -42,6 +42,7 @@ class ModelOptions:
 MODELS: dict[str, Callable[..., MultimodalVAE]] = {
     "mmvae": mmvae.build,
     "mvae": mvae.build,
+    "mopoe": mopoe.build,
 }
 
 SINGLE_PREFIX = "vae_"
