@@ -63,6 +63,17 @@ IMPLS = ("auto", "conv", "matmul", "window", "col2im")
 # PyTorch default initialisation
 # ------------------------------------------------------------------------------------------------
 
+def count_params(params: Any) -> int:
+  """Total number of array entries in a pytree (e.g. ``variables["params"]``)."""
+  return int(sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params)))
+
+
+def flatten_leading(x: Array, trailing: int) -> tuple[Array, tuple[int, ...]]:
+  """(..., *t) → ((N, *t), leading shape), with t the last `trailing` dims."""
+  lead = x.shape[:x.ndim - trailing]
+  return x.reshape((math.prod(lead),) + x.shape[x.ndim - trailing:]), lead
+
+
 def torch_uniform(bound: float) -> Initializer:
   """Initialiser drawing U(−bound, +bound) (PyTorch's default for weights and biases)."""
   def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:

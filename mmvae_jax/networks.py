@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import chex
 import flax.linen as nn
@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mmvae_jax.layers import (Conv2d, ConvTransposeParams, Dense, conv_transpose,
+from mmvae_jax.layers import (count_params, flatten_leading,  # noqa: F401
+                              Conv2d, ConvTransposeParams, Dense, conv_transpose,
                               conv_transpose_out_size, matmul_forward, matmul_variant,
                               matmul_backward, matmul_weight, resolve_impl)
 
@@ -50,17 +51,6 @@ REMAT_MODES = ("auto", "minimal", "activations")
 KEEP_ACT3_MAX_BYTES = 128 << 20
 
 
-def count_params(params: Any) -> int:
-  """Total number of array entries in a pytree (e.g. ``variables["params"]``)."""
-  return int(sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params)))
-
-
-def _flatten_leading(x: Array, trailing: int) -> tuple[Array, tuple[int, ...]]:
-  """(..., *t) → ((N, *t), leading shape), with t the last `trailing` dims."""
-  lead = x.shape[:x.ndim - trailing]
-  return x.reshape((math.prod(lead),) + x.shape[x.ndim - trailing:]), lead
-
-
 # ------------------------------------------------------------------------------------------------
 # MNIST (the official MLP)
 # ------------------------------------------------------------------------------------------------
@@ -77,7 +67,7 @@ class MnistEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, Array]:
-    x, lead = _flatten_leading(x, 3)
+    x, lead = flatten_leading(x, 3)
     chex.assert_shape(x, (None,) + MNIST_SHAPE)
     h = x.reshape(x.shape[0], -1)
     h = nn.relu(Dense(self.hidden_dim, name="fc1")(h))
@@ -130,7 +120,7 @@ class SvhnEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, Array]:
-    x, lead = _flatten_leading(x, 3)
+    x, lead = flatten_leading(x, 3)
     chex.assert_shape(x, (None,) + SVHN_SHAPE)
     h = x
     for i, mult in enumerate((1, 2, 4)):
@@ -315,7 +305,7 @@ class SvhnDecoder(nn.Module):
     impl = resolve_impl(self.impl)
     if self.remat not in REMAT_MODES:
       raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_MODES}")
-    zf, lead = _flatten_leading(z, 1)
+    zf, lead = flatten_leading(z, 1)
     chunk_size = self.chunk_size
     if chunk_size < 0:
       chunk_size = 0 if impl == "conv" else DEFAULT_CHUNK_SIZE

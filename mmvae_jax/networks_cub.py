@@ -43,17 +43,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from mmvae_jax import distributions as dists
-from mmvae_jax.layers import (Dense, conv_bound, conv_transpose, conv_transpose_bound,
+from mmvae_jax.layers import (Dense, count_params, flatten_leading,  # noqa: F401
+                               conv_bound, conv_transpose, conv_transpose_bound,
                               torch_uniform)
 from mmvae_jax.models.base import Modality
 
@@ -71,11 +71,6 @@ VARIANTS = {"ft": ((32, 64, 128, 256, 512), True), "cubS": ((32, 64, 128, 128, 1
 _SQUARE = ((4, 4), (2, 2), (1, 1))
 _WIDE = ((1, 4), (1, 2), (0, 1))
 _LAYERS = (_SQUARE, _SQUARE, _SQUARE, _WIDE, _WIDE)
-
-
-def _flatten_leading(x: Array, trailing: int) -> tuple[Array, tuple[int, ...]]:
-  lead = x.shape[:x.ndim - trailing]
-  return x.reshape((math.prod(lead),) + x.shape[x.ndim - trailing:]), lead
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +224,7 @@ class SentenceDecoder(nn.Module):
     chex.assert_axis_dimension(z, -1, self.latent_dim)
     chex.assert_shape(embedding, (None, EMBEDDING_DIM))
     channels, bias = VARIANTS[self.variant]
-    zf, lead = _flatten_leading(z, 1)
+    zf, lead = flatten_leading(z, 1)
     h = zf.reshape(zf.shape[0], 1, 1, self.latent_dim)
     outs = tuple(reversed(channels)) + (1,)
     layers = ((((4, 4), (1, 1), (0, 0))),) + tuple(reversed(_LAYERS))
@@ -411,8 +406,3 @@ def cub_model(kind: str = "mmvae", latent_dim: int = 64, *, llik_scaling: float 
   options = models.ModelOptions(latent_dim=latent_dim, learn_prior=learn_prior,
                                 prior_family="normal", prior_scale=dists.softplus_scale)
   return models.build(kind, mods, options)
-
-
-def count_params(tree: Any) -> int:
-  """Number of array entries in a pytree."""
-  return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(tree)))

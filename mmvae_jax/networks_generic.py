@@ -17,27 +17,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmvae_jax.layers import Dense
+
 HIDDEN = 400
 CLAMP = 1e-6
-
-
-def _torch_uniform(bound: float):
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
-  return init
-
-
-class TorchLinear(nn.Module):
-  """`torch.nn.Linear`: (..., C_in) -> (..., features); kernel (C_in, features) and bias
-  (features,), both U(±1/sqrt(C_in))."""
-  features: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    bound = 1.0 / math.sqrt(x.shape[-1])
-    kernel = self.param("kernel", _torch_uniform(bound), (x.shape[-1], self.features))
-    bias = self.param("bias", _torch_uniform(bound), (self.features,))
-    return jnp.dot(x, kernel) + bias
 
 
 class MLPEncoder(nn.Module):
@@ -50,9 +33,9 @@ class MLPEncoder(nn.Module):
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     h = x.reshape(x.shape[0], -1)
     for i in range(self.num_hidden_layers):
-      h = nn.relu(TorchLinear(self.hidden, name=f"fc{i}")(h))
-    return (TorchLinear(self.latent_dim, name="loc")(h),
-            TorchLinear(self.latent_dim, name="scale")(h))
+      h = nn.relu(Dense(self.hidden, name=f"fc{i}")(h))
+    return (Dense(self.latent_dim, name="loc")(h),
+            Dense(self.latent_dim, name="scale")(h))
 
 
 class MLPDecoder(nn.Module):
@@ -66,9 +49,9 @@ class MLPDecoder(nn.Module):
   def __call__(self, z: jax.Array) -> jax.Array:
     h = z
     for i in range(self.num_hidden_layers):
-      h = nn.relu(TorchLinear(self.hidden, name=f"fc{i}")(h))
+      h = nn.relu(Dense(self.hidden, name=f"fc{i}")(h))
     size = math.prod(self.data_shape)
-    out = nn.sigmoid(TorchLinear(size, name="out")(h))
+    out = nn.sigmoid(Dense(size, name="out")(h))
     if self.clamp:
       out = jnp.clip(out, self.clamp, 1.0 - self.clamp)
     return out.reshape(z.shape[:-1] + tuple(self.data_shape))

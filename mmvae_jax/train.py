@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import chex
 import jax
