@@ -1,6 +1,5 @@
 """CUB: captions, networks (parameter counts, tied embedding, BatchNorm modes), data pairing,
 NN lookup, CCA coherence, the feature-extraction script and the experiment's flag errors."""
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -320,16 +319,9 @@ def test_cca_ground_truth_on_real_captions(shared_data):
 # Scripts.
 
 
-def _load_script(name):
-  spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 def test_extract_features_order_resize_and_fake_backbone(tmp_path):
   from PIL import Image
-  ext = _load_script("extract_cub_features")
+  from mmvae_jax.data import cub_features as ext
   for cls, names in (("002.b", ["y.jpg", "x.png"]), ("001.a", ["z.jpg"])):
     os.makedirs(tmp_path / "test" / cls)
     for i, n in enumerate(names):
