@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmvae_jax import data, loss
+from mmvae_jax import data, experiments, loss, runs
 from mmvae_jax.evaluation import classifiers as clf_lib
 from mmvae_jax.evaluation import coherence, common, figures, likelihood, probe
-from mmvae_jax.model import MMVAE, Modality
+from mmvae_jax.models import MMVAE, Modality, components
 from tiny_models import TWO_SHAPES, tiny_model, tiny_xs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +107,7 @@ def test_cross_coherence_perfect_model_is_100():
   out = coherence.cross_coherence(model, params, ds, row_classifiers(model), key=jax.random.key(1),
                                   batch_size=128)
   assert out["num"] == len(ds)
-  assert set(out["cross"]) == {"m0→m1", "m1→m0"}
+  assert set(out["cross"]) == {"m0->m1", "m1->m0"}
   for v in list(out["cross"].values()) + list(out["reconstruction"].values()):
     assert v == pytest.approx(100.0)
 
@@ -159,7 +159,7 @@ def test_subset_coherence_three_modalities():
   out = coherence.subset_coherence(model, params, ds, row_classifiers(model),
                                    key=jax.random.key(3), batch_size=200)
   assert len(out["by_subset"]) == 9  # 3 singletons × 2 targets + 3 pairs × 1 target
-  assert "m0+m1→m2" in out["by_subset"] and "m2→m0" in out["by_subset"]
+  assert "m0+m1->m2" in out["by_subset"] and "m2->m0" in out["by_subset"]
   assert set(out["by_size"]) == {"1", "2"}
   assert all(v == pytest.approx(100.0) for v in out["by_subset"].values())
 
@@ -183,7 +183,8 @@ def test_linear_probe_on_separable_latents_is_100():
   out = probe.latent_probe(model, params, train, test, key=jax.random.key(0), epochs=2,
                            batch_size=64, lr=1e-2)
   assert out["num_test"] == len(test) and out["num_train"] == len(train)
-  for v in out["accuracy"].values():
+  assert set(out["accuracy_joint"]) == {"m0", "m1"}  # probes on z ~ q(z | x_0, x_1) as well
+  for v in list(out["accuracy"].values()) + list(out["accuracy_joint"].values()):
     assert v >= 99.0, out
 
 
@@ -227,12 +228,18 @@ def test_chunked_likelihood_equals_unchunked():
 
 
 def test_likelihood_estimators_match_direct_formulas():
+  """The MMVAE's estimates written out on the same samples: the joint ones are the official tight
+  MoE-IWAE over the M·K samples of the mixture q(z | x_0, x_1), the conditionals use the experts."""
   model, params, out = _llik(3)
   xs = tiny_xs()
   key = jax.random.key(4)
   qs = model.encode(params, xs)
+  joint = components(model.posterior(params, dict(zip(model.names, xs))))
+  assert len(joint) == 2
   prior = model.prior(params)
-  z = likelihood.sample_indexed(qs, key, jnp.arange(LLIK_K))  # (M, K, B, D)
+  # Components in order: q(z | x_0), q(z | x_1), then the two of the mixture q(z | x_0, x_1).
+  z_all = likelihood.sample_indexed(list(qs) + list(joint), key, jnp.arange(LLIK_K))
+  z_one, z = z_all[:2], z_all[2:]  # (M, K, B, D) each
   lw = loss.log_weights(z, qs, model.log_likelihood_fn(params, xs), prior)  # λ inside
   np.testing.assert_allclose(out["joint_weighted"], loss.log_mean_exp(lw, (0, 1)), rtol=1e-5)
   ll = model.log_likelihoods(params, xs, z, weighted=False)  # (M_d, M_e, K, B)
@@ -240,13 +247,15 @@ def test_likelihood_estimators_match_direct_formulas():
   lqmix = loss.moe_log_prob(qs, z)
   np.testing.assert_allclose(out["joint_unweighted"],
                              loss.log_mean_exp(lp + ll.sum(0) - lqmix, (0, 1)), rtol=1e-5)
+  ll1 = model.log_likelihoods(params, xs, z_one, weighted=False)
+  lp1 = jnp.sum(prior.log_prob(z_one), -1)
   for d in range(2):
     np.testing.assert_allclose(out["given_all"][d], loss.log_mean_exp(ll[d] + lp - lqmix, (0, 1)),
                                rtol=1e-5)
     for e in range(2):
-      lq_e = jnp.sum(qs[e].log_prob(z[e]), -1)
+      lq_e = jnp.sum(qs[e].log_prob(z_one[e]), -1)
       np.testing.assert_allclose(out["given_one"][d, e],
-                                 loss.log_mean_exp(ll[d, e] + lp[e] - lq_e, 0), rtol=1e-5)
+                                 loss.log_mean_exp(ll1[d, e] + lp1[e] - lq_e, 0), rtol=1e-5)
   # λ_0 = 3 for the 4x4x1 modality: the weighted joint differs from the unweighted one.
   assert not np.allclose(out["joint_weighted"], out["joint_unweighted"])
 
@@ -265,6 +274,7 @@ def test_log_likelihoods_over_a_dataset():
   assert set(out["conditional"]) == {"log p(m0|m0,m1)", "log p(m1|m0,m1)", "log p(m0|m0)",
                                      "log p(m0|m1)", "log p(m1|m0)", "log p(m1|m1)"}
   assert out["lambda"] == {"m0": 3.0, "m1": 1.0} and "INSIDE" in out["convention"]
+  assert out["proposals"] == {"m0": 1, "m1": 1, "m0,m1": 2}  # the joint: the mixture of experts
   assert all(np.isfinite(v) for v in out["conditional"].values())
 
 
@@ -402,41 +412,7 @@ def test_figures_and_traversals(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The command.
 
-FAKE_NETWORKS = """
-import types
-import flax.linen as nn, numpy as np
-
-class Enc(nn.Module):
-  latent_dim: int = 20
-  @nn.compact
-  def __call__(self, x):
-    h = nn.relu(nn.Dense(8)(x.reshape(x.shape[0], -1)))
-    return nn.Dense(self.latent_dim)(h), nn.Dense(self.latent_dim)(h)
-
-def dec(shape):
-  class Dec(nn.Module):
-    latent_dim: int = 20
-    impl: str = "auto"
-    @nn.compact
-    def __call__(self, z):
-      out = nn.sigmoid(nn.Dense(int(np.prod(shape)))(z))
-      return out.reshape(z.shape[:-1] + shape)
-  return Dec
-
-networks = types.ModuleType("mmvae_jax.networks")
-networks.MnistEncoder = networks.SvhnEncoder = Enc
-networks.MnistDecoder, networks.SvhnDecoder = dec((28, 28, 1)), dec((32, 32, 3))
-"""
-
-RUN_WITH_FAKE_NETWORKS = FAKE_NETWORKS + """
-import runpy, sys
-sys.modules["mmvae_jax.networks"] = networks
-import mmvae_jax
-mmvae_jax.networks = networks
-script = sys.argv[1]
-sys.argv = [script] + sys.argv[2:]
-runpy.run_path(script, run_name="__main__")
-"""
+EVALUATE = os.path.join(REPO, "experiments", "evaluate.py")
 
 
 def _npz(path, shape, n_train, n_test, seed):
@@ -447,88 +423,175 @@ def _npz(path, shape, n_train, n_test, seed):
            y_test=np.arange(n_test) % NC)
 
 
-def _fake_workdir(tmp_path, monkeypatch):
-  """A workdir as experiments/mnist_svhn.py writes it (run.json + an orbax checkpoint of an
-  initial state), for an MMVAE whose networks are the small MLPs of FAKE_NETWORKS."""
-  import dataclasses
-  import mmvae_jax
-  from mmvae_jax import model as model_lib, train
-  ns = {}
-  exec(FAKE_NETWORKS, ns)  # pylint: disable=exec-used
-  monkeypatch.setitem(sys.modules, "mmvae_jax.networks", ns["networks"])
-  monkeypatch.setattr(mmvae_jax, "networks", ns["networks"], raising=False)
-  mnist, svhn = tmp_path / "mnist.npz", tmp_path / "standin.npz"
+def _evaluate(*args, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run([sys.executable, EVALUATE, *args], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _trained_mnist_svhn(tmp_path):
+  """A one-step MNIST-SVHN MMVAE run on random images; the SVHN modality reads a 16×16×3
+  stand-in (an MLP modality: fast on a CPU). λ_MNIST is set to the paper's 3072/784."""
+  mnist, standin = tmp_path / "mnist.npz", tmp_path / "standin.npz"
   _npz(mnist, (28, 28), 60, 40, 0)
-  _npz(svhn, (32, 32, 3), 60, 40, 1)
-  config = train.TrainConfig(k=2, batch_size=8, latent_dim=4, partners=1, seed=1)
-  model = model_lib.mnist_svhn(4)
+  _npz(standin, (16, 16, 3), 60, 40, 1)
+  config = experiments.get("mnist_svhn").config(
+      sources={"mnist": str(mnist), "svhn": str(standin)}, k=2, batch_size=8, latent_dim=4,
+      partners=1, max_steps=1, eval_batches=1, figures=False, llik_scaling=3072 / 784, seed=1)
   wd = tmp_path / "run"
-  ckpt = train.Checkpointer(str(wd))
-  ckpt.save(train.init_state(model, train.make_optimizer(config), jax.random.key(0)),
-            {"epoch": 0, "step_in_epoch": 0})
-  ckpt.close()
-  run = {"config": dataclasses.asdict(config),
-         "sources": {"mnist": str(mnist), "svhn": str(svhn), "data_dir": None},
-         "modalities": {m.name: {"shape": list(m.data_shape), "llik_scale": m.llik_scale}
-                        for m in model.modalities}}
-  (wd / "run.json").write_text(json.dumps(run))
+  runs.train_run(config, str(wd), progress=False)
   return wd
 
 
-def test_evaluate_command_with_stand_in_networks(tmp_path, monkeypatch):
-  """experiments/evaluate.py end to end on an untrained checkpoint, MLPs in place of networks.py."""
-  wd = _fake_workdir(tmp_path, monkeypatch)
+def test_evaluate_command_on_a_stand_in_run(tmp_path):
+  """experiments/evaluate.py end to end on a trained run (stand-in SVHN data)."""
+  wd = _trained_mnist_svhn(tmp_path)
   # Cached (untrained) classifiers under the keys evaluate.py computes: it must load, not train.
-  for name, shape in (("mnist", (28, 28, 1)), ("standin", (32, 32, 3))):
+  for name, shape in (("mnist", (28, 28, 1)), ("standin", (16, 16, 3))):
     src = data.load_source(str(tmp_path / f"{name}.npz"), "train")
-    key = clf_lib.source_key(name, shape, "source", 1, 1,
+    key = clf_lib.source_key(src.name, shape, "source", 1, 1,
                              clf_lib.data_fingerprint(src.images, src.labels))
     params = clf_lib.DigitClassifier().init(jax.random.key(0), jnp.zeros((1,) + shape))["params"]
     clf_lib.save(str(tmp_path / "cache" / key), params, {"test_accuracy": 12.5})
-  wrapper = tmp_path / "run_with_fake_networks.py"
-  wrapper.write_text(RUN_WITH_FAKE_NETWORKS)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  evaluate = lambda *args: subprocess.run(
-      [sys.executable, str(wrapper), os.path.join(REPO, "experiments", "evaluate.py"), *args],
-      env=env, cwd=REPO, capture_output=True, text=True)
-  res = evaluate(f"--workdir={wd}", "--num_test=16", "--probe_num_train=16",
-                 "--classifier_epochs=1", "--llik_k=4", "--llik_num=4", "--llik_chunk=3",
-                 "--joint_num=20", "--kl_num=8", "--traversal_steps=3", "--batch_size=8",
-                 f"--classifier_cache={tmp_path / 'cache'}")
+  res = _evaluate(f"--workdir={wd}", "--num_test=16", "--probe_num_train=16",
+                  "--classifier_epochs=1", "--llik_k=4", "--llik_num=4", "--llik_chunk=3",
+                  "--joint_num=20", "--kl_num=8", "--traversal_steps=3", "--batch_size=8",
+                  f"--classifier_cache={tmp_path / 'cache'}")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "NOT SVHN" in res.stdout and "Table 1" in res.stdout and "Table 3" in res.stdout
+  assert "paper MMVAE" in res.stdout and "86.4" in res.stdout  # the paper's Table 2 row
   assert res.stdout.count("test accuracy 12.50% on its own test split; loaded") == 2
   out = json.loads((wd / "results.json").read_text())
   assert out["sources"]["svhn"]["genuine"] is False and out["notice"]
   assert out["sources"]["mnist"]["genuine"] is True
-  assert set(out["table2_coherence"]["cross"]["cross"]) == {"mnist→svhn", "svhn→mnist"}
+  assert set(out["table2_coherence"]["cross"]["cross"]) == {"mnist->svhn", "svhn->mnist"}
   assert out["table3_likelihoods"]["num_samples"] == 4
   assert out["table3_likelihoods"]["lambda"]["mnist"] == pytest.approx(3072 / 784)
   assert out["table1_probe"]["num_test"] == 16
+  assert out["settings"]["likelihood"]["llik_k"] == 4 and "llik_k" not in out["settings"]["probe"]
   for name in ("generation", "reconstruction", "traversals", "kl"):
     assert (wd / f"eval_{name}.png").exists()
-  # A missing workdir is a one-line error.
-  res = evaluate(f"--workdir={tmp_path / 'none'}")
-  assert res.returncode == 2 and res.stderr.strip().count("\n") == 0
-  assert "run.json not found" in res.stderr
+  json.dumps(out, ensure_ascii=True)  # plain ASCII keys
+  assert all(k.isascii() for k in out["table2_coherence"]["subsets"]["by_subset"])
+  # Another part with other sizes keeps the results of the parts not run now.
+  import mmvae_jax
+  from mmvae_jax.evaluation import report
+  run = mmvae_jax.load_run(str(wd))
+  lines = []
+  again = report.evaluate(run, report.Settings(parts=("likelihood",), llik_k=2, llik_num=4),
+                          say=lines.append)
+  assert any("keeping the results of parts not run now" in line for line in lines)
+  assert again == json.loads((wd / "results.json").read_text())
+  assert again["table3_likelihoods"]["num_samples"] == 2
+  assert again["table1_probe"] == out["table1_probe"] and "figures" in again
+  assert again["settings"]["likelihood"]["llik_k"] == 2
+  assert again["settings"]["probe"] == out["settings"]["probe"]
+  # Bad input is a one-line error, exit code 2 (the library raises ValueError).
+  for args, text in (([f"--workdir={tmp_path / 'none'}"], "run.json not found"),
+                     ([f"--workdir={wd}", "--parts=probe,tables"], "unknown --parts entry 'tables'")):
+    res = _evaluate(*args)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, (args, res.stderr)
+    assert res.stderr.startswith("evaluate.py: error: ") and text in res.stderr, (args, res.stderr)
+  with pytest.raises(runs.RunError, match="no checkpoint step 99"):  # --step=99: the same way
+    mmvae_jax.load_run(str(wd), 99)
+  with pytest.raises(ValueError, match="name=spec"):
+    report.parse_sources(["svhn"])
+  with pytest.raises(ValueError, match="modality 'usps'"):
+    report.with_overrides(run, sources={"usps": "usps.npz"})
+  with pytest.raises(ValueError, match="--llik_k must be >= 1"):
+    report.Settings(llik_k=0).validate()
+  other = report.with_overrides(run, sources={"svhn": str(tmp_path / "mnist.npz")})
+  with pytest.raises(ValueError, match="shape"):  # 28×28×1 images in the 16×16×3 modality
+    report.evaluate(other, report.Settings(parts=("probe",)), say=lines.append)
+
+
+def _subsample(src, dst, n_train, n_test, seed=0):
+  """The first rows of a random order of a real data array (a small, class-mixed sample)."""
+  d = np.load(src)
+  rng = np.random.default_rng(seed)
+  tr = rng.permutation(len(d["y_train"]))[:n_train]
+  te = rng.permutation(len(d["y_test"]))[:n_test]
+  np.savez(dst, x_train=d["x_train"][tr], y_train=d["y_train"][tr], x_test=d["x_test"][te],
+           y_test=d["y_test"][te])
+
+
+@pytest.mark.slow
+def test_evaluate_three_digits_end_to_end(tmp_path, shared_data):
+  """A three_digits run (M = 3, real data, the paper's networks) trained for two steps, then
+  evaluated: coherence from all six proper subsets, joint coherence, probe, likelihoods."""
+  for name in ("mnist", "usps_colour", "usps"):
+    _subsample(shared_data / f"{name}.npz", tmp_path / f"{name}.npz", 500, 200)
+  config = experiments.get("three_digits").config(
+      data_dir=str(tmp_path), k=2, batch_size=16, partners=2, max_steps=2, eval_batches=1,
+      figures=False)
+  wd = tmp_path / "run"
+  runs.train_run(config, str(wd), progress=False)
+  res = _evaluate(f"--workdir={wd}", "--num_test=64", "--probe_num_train=256",
+                  "--classifier_epochs=1", "--llik_k=4", "--llik_num=16", "--joint_num=64",
+                  "--kl_num=32", "--traversal_steps=3", f"--classifier_cache={tmp_path / 'c'}")
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = res.stdout
+  names = ("mnist", "usps_colour", "usps")
+  subsets = [(a,) for a in names] + [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+  for s in subsets:  # every target outside each of the six proper subsets
+    for t in (n for n in names if n not in s):
+      assert f"{'+'.join(s)}->{t} " in out, (s, t)
+  assert "joint coherence: " in out and "Latent linear probe" in out and "Table 1" in out
+  assert "Log-likelihoods" in out and "log p(x1..xM) [lambda]" in out
+  assert "NOTICE" not in out and "paper" not in out.split("Table 1")[1].split("\n")[1]
+  res_json = json.loads((wd / "results.json").read_text())
+  assert len(res_json["table2_coherence"]["subsets"]["by_subset"]) == 9
+  assert set(res_json["table1_probe"]["accuracy_joint"]) == set(names)
+  assert res_json["table3_likelihoods"]["proposals"]["mnist,usps_colour,usps"] == 3
+  assert len(res_json["table3_likelihoods"]["conditional"]) == 12  # 3 given all + 9 given one
 
 
 @pytest.mark.slow
 def test_evaluate_end_to_end(tmp_path, shared_data):
-  """The real networks on real MNIST and the usps_colour stand-in (needs mmvae_jax.networks)."""
-  pytest.importorskip("mmvae_jax.networks")
+  """The MNIST-SVHN script and its real networks on real MNIST and the usps_colour stand-in."""
   wd = tmp_path / "run"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   subprocess.run([sys.executable, os.path.join(REPO, "experiments", "mnist_svhn.py"),
                   f"--mnist={shared_data / 'mnist.npz'}", f"--svhn={shared_data / 'usps_colour.npz'}",
                   f"--workdir={wd}", "--max_steps=3", "--k=2", "--batch_size=16",
                   "--eval_batches=1"], check=True, env=env, cwd=REPO)
-  res = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "evaluate.py"),
-                        f"--workdir={wd}", "--num_test=64", "--probe_epochs=1",
-                        "--probe_num_train=256", "--classifier_epochs=1", "--llik_k=4",
-                        "--llik_num=8", "--joint_num=64", f"--classifier_cache={tmp_path / 'c'}"],
-                       check=True, env=env, cwd=REPO, capture_output=True, text=True)
+  res = _evaluate(f"--workdir={wd}", "--num_test=64", "--probe_epochs=1",
+                  "--probe_num_train=256", "--classifier_epochs=1", "--llik_k=4",
+                  "--llik_num=8", "--joint_num=64", f"--classifier_cache={tmp_path / 'c'}")
+  assert res.returncode == 0, res.stderr[-3000:]
   assert "NOT SVHN" in res.stdout
   out = json.loads((wd / "results.json").read_text())
   assert set(out) >= {"table1_probe", "table2_coherence", "table3_likelihoods", "sources"}
   assert (wd / "eval_generation.png").exists()
+
+
+def test_tables_of_three_modalities_name_every_direction():
+  """The printed Tables 1-3 of an M = 3 run (no paper numbers): every subset direction."""
+  from mmvae_jax.evaluation import report
+  names = ["a", "b", "c"]
+  subsets = coherence.proper_subsets(names)
+  by_subset = {coherence.direction(s, t): 50.0 + i
+               for i, (s, t) in enumerate((s, t) for s in subsets for t in names if t not in s)}
+  results = {"model": "mmvae", "modalities": names, "paper": {},
+             "sources": {n: {"label": n.upper()} for n in names}}
+  coh = {"cross": {"cross": {k: v for k, v in by_subset.items() if "+" not in k},
+                   "reconstruction": {f"{n}->{n}": 99.0 for n in names}, "num": 8},
+         "joint": {"joint": 12.5, "class_counts": {n: [8] + [0] * 9 for n in names}, "num": 8},
+         "subsets": {"by_subset": by_subset, "by_size": {"1": 52.5, "2": 57.0}, "num": 8}}
+  cond = {f"log p({d}|a,b,c)": -1.0 for d in names}
+  cond.update({f"log p({d}|{e})": -2.0 for d in names for e in names})
+  llik = {"joint_weighted": -3.0, "joint_unweighted": -4.0, "conditional": cond,
+          "lambda": {n: 1.0 for n in names}, "proposals": {"a": 1, "b": 1, "c": 1, "a,b,c": 3},
+          "num_samples": 4, "num": 8}
+  probe_res = {"accuracy": {n: 90.0 for n in names}, "accuracy_joint": {n: 95.0 for n in names},
+               "epochs": 1, "num_train": 8, "num_test": 8}
+  lines = []
+  report.print_table1(probe_res, results, lines.append)
+  report.print_table2(coh, results, lines.append)
+  report.print_table3(llik, results, lines.append)
+  out = "\n".join(lines)
+  assert len(by_subset) == 9 and all(f"{d} " in out for d in by_subset)
+  assert "a+b->c" in out and "joint coherence: 12.50%" in out and "|S| = 2: 57.00%" in out
+  assert "MMVAE (joint) ours" in out and "paper " not in out and "   paper" not in out
+  assert "mixture of 3" in out and out.split("Table 3")[1].count(" ours ") == 6  # its rows
+  json.dumps(results, ensure_ascii=True)

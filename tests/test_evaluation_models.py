@@ -1,17 +1,17 @@
-"""Evaluation of the baselines: MVAE (product of experts) and single-modality VAEs.
+"""Evaluation of every model through the model protocol: MVAE (product of experts), single-
+modality VAEs, and a model whose single-modality posteriors are mixtures.
 
-* the latent probe samples the MVAE's product-of-experts posteriors ("MVAE (single)": prior
-  expert × expert m; "MVAE (both)": prior × every expert), not its bare experts;
-* the MVAE's Table 3 estimates use PoE proposals (checked against a direct computation on the
-  same samples);
-* experiments/evaluate.py rebuilds each model kind of run.json (and restores its checkpoint);
+* the latent probe samples each model's own posteriors (the MVAE's "single": prior expert ×
+  expert m; "both": prior × every expert), not its bare experts;
+* the Table 3 estimates use the model's posteriors as proposals, mixtures stratified (checked
+  against a direct computation on the same samples);
+* `mmvae_jax.evaluation.report` evaluates trained runs of each model kind;
 * ``--compare`` combines evaluated workdirs into one table per paper table.
 
 Tiny models and synthetic data only.
 """
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,15 +23,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmvae_jax import data, loss
-from mmvae_jax.evaluation import common, likelihood, probe
-from mmvae_jax.model import MMVAE, Modality
-from mmvae_jax.mvae import MVAE, single_vae
+from mmvae_jax import data, experiments, loss, runs
+from mmvae_jax.evaluation import figures, likelihood, probe, report
+from mmvae_jax.models import MMVAE, MVAE, Modality, UniformMixture, components, single_vae
 from tiny_models import TWO_SHAPES, tiny_modalities, tiny_xs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVALUATE = os.path.join(REPO, "experiments", "evaluate.py")
 NC = 10
+
+
+def _evaluate(*args, timeout=120):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run([sys.executable, EVALUATE, *args], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,12 +101,12 @@ def test_probe_uses_the_product_of_experts_for_an_mvae():
   kw = dict(key=jax.random.key(0), epochs=2, batch_size=64, lr=5e-2)
   out = probe.latent_probe(mvae, mvae.init(jax.random.key(0)), train, test, **kw)
   ref = probe.latent_probe(bare, bare.init(jax.random.key(0)), train, test, **kw)
-  assert out["posterior"] == "poe" and ref["posterior"] == "expert"
-  assert set(out["accuracy_joint"]) == {"m0", "m1"} and "accuracy_joint" not in ref
+  assert set(out["accuracy_joint"]) == {"m0", "m1"} == set(ref["accuracy_joint"])
   for n in ("m0", "m1"):
     assert out["accuracy"][n] >= 97.0, out          # MVAE (single): PoE of prior and q_m
     assert out["accuracy_joint"][n] >= 97.0, out    # MVAE (both): PoE of prior, q_0, q_1
     assert ref["accuracy"][n] <= 30.0, ref          # the bare expert: noise of scale 100
+    assert ref["accuracy_joint"][n] <= 30.0, ref    # the mixture of the bare experts
 
 
 def test_probe_samples_have_the_poe_statistics():
@@ -184,7 +189,7 @@ def test_likelihoods_over_a_dataset_for_mvae_and_single_vae():
   out = likelihood.log_likelihoods(model, model.init(jax.random.key(0)),
                                    data.PairedDataset(srcs, partners=1), key=jax.random.key(0),
                                    num_samples=4, chunk_size=3, batch_size=8, num=12)
-  assert out["proposal"] == "poe" and "product of experts" in out["convention"]
+  assert out["proposals"] == {"m0": 1, "m1": 1, "m0,m1": 1}  # one product of experts each
   assert out["num"] == 12 and len(out["conditional"]) == 6
   assert all(np.isfinite(v) for v in out["conditional"].values())
   # A single-modality VAE: every estimate is the IWAE estimate of log p(x).
@@ -192,129 +197,137 @@ def test_likelihoods_over_a_dataset_for_mvae_and_single_vae():
   out = likelihood.log_likelihoods(vae, vae.init(jax.random.key(0)),
                                    data.PairedDataset(srcs[1:], partners=1), key=jax.random.key(0),
                                    num_samples=4, chunk_size=3, batch_size=8, num=12)
-  assert out["proposal"] == "moe" and set(out["conditional"]) == {"log p(m1|m1)"}
+  assert out["proposals"] == {"m1": 1} and set(out["conditional"]) == {"log p(m1|m1)"}
   assert out["joint_unweighted"] == pytest.approx(out["conditional"]["log p(m1|m1)"], rel=1e-5)
 
 
-def test_subset_posterior_duck_typing():
-  mods = tiny_modalities()
-  xs = dict(zip(("m0", "m1"), tiny_xs()))
-  mvae = MVAE(modalities=mods, latent_dim=3)
-  mmvae = MMVAE(modalities=mods, latent_dim=3)
-  p1, p2 = mvae.init(jax.random.key(0)), mmvae.init(jax.random.key(0))
-  assert common.has_product_posterior(mvae) and not common.has_product_posterior(mmvae)
-  q = common.subset_posterior(mvae, p1, xs)
-  np.testing.assert_allclose(q.loc, mvae.posterior(p1, xs).loc)
-  q = common.subset_posterior(mmvae, p2, {"m1": xs["m1"]})
-  np.testing.assert_allclose(q.loc, mmvae.encode_one(p2, "m1", xs["m1"]).loc)
-  with pytest.raises(ValueError, match="mixture"):
-    common.subset_posterior(mmvae, p2, xs)
+@dataclasses.dataclass(frozen=True)
+class DoubledMMVAE(MMVAE):
+  """An MMVAE whose every posterior lists each observed expert twice: a uniform mixture (also of
+  a single modality) with the same density as the MMVAE's."""
+
+  def posterior(self, params, observed):
+    experts = tuple(self.expert(params, n, x) for n, x in observed.items())
+    return UniformMixture(experts + experts)
+
+
+def test_likelihoods_with_mixture_posteriors_of_single_modalities():
+  """Any posterior may be a mixture: K samples per component, the mixture density, LME over all."""
+  model = DoubledMMVAE(modalities=tiny_modalities(), latent_dim=3)
+  params = model.init(jax.random.key(0))
+  xs, key, k = tiny_xs(), jax.random.key(4), 6
+  out = jax.jit(functools.partial(likelihood.batch_log_likelihoods, model, num_samples=k,
+                                  chunk_size=4))(params, xs, key)
+  names = model.names
+  singles = [components(model.posterior(params, {n: x})) for n, x in zip(names, xs)]
+  joint = components(model.posterior(params, dict(zip(names, xs))))
+  assert [len(c) for c in singles] == [2, 2] and len(joint) == 4
+  flat = [q for cs in singles for q in cs] + list(joint)
+  z = likelihood.sample_indexed(flat, key, jnp.arange(k))  # (8, K, B, D)
+  prior = model.prior(params)
+  ll = model.log_likelihoods(params, xs, z, weighted=False)  # (M_d, 8, K, B)
+  lp = jnp.sum(prior.log_prob(z), -1)
+  lq = lambda cs, zz: jax.nn.logsumexp(jnp.stack([jnp.sum(q.log_prob(zz), -1) for q in cs]),
+                                       0) - jnp.log(len(cs))
+  lw_joint = lp[4:] - lq(joint, z[4:])  # (4, K, B)
+  lam = jnp.asarray([m.llik_scale for m in model.modalities])
+  np.testing.assert_allclose(out["joint_weighted"], loss.log_mean_exp(
+      lw_joint + jnp.einsum("d,d...->...", lam, ll[:, 4:]), (0, 1)), rtol=1e-5)
+  for d in range(2):
+    np.testing.assert_allclose(out["given_all"][d],
+                               loss.log_mean_exp(ll[d, 4:] + lw_joint, (0, 1)), rtol=1e-5)
+    for e in range(2):
+      s = slice(2 * e, 2 * e + 2)
+      np.testing.assert_allclose(out["given_one"][d, e], loss.log_mean_exp(
+          ll[d, s] + lp[s] - lq(singles[e], z[s]), (0, 1)), rtol=1e-5)
+  # The probe samples these posteriors too; the per-dimension KLs need a single distribution.
+  views = probe.probe_views(model)
+  zs = probe._sample(model, params, xs, key, views)  # pylint: disable=protected-access
+  assert len(zs) == 4 and all(z.shape == (5, 3) for z in zs)
+  with pytest.raises(ValueError, match="mixture of 2 components"):
+    figures.kl_statistics(model, params, xs)
 
 
 # ---------------------------------------------------------------------------------------------
-# experiments/evaluate.py: rebuilding each model kind.
+# Trained runs of each model kind (one step of mnist_svhn.py's construction, random images).
 
-FAKE_NETWORKS = """
-import types
-import flax.linen as nn, numpy as np
 
-class Enc(nn.Module):
-  latent_dim: int = 20
-  @nn.compact
-  def __call__(self, x):
-    h = nn.relu(nn.Dense(8)(x.reshape(x.shape[0], -1)))
-    return nn.Dense(self.latent_dim)(h), nn.Dense(self.latent_dim)(h)
+def _npz(path, shape, n_train, n_test, seed):
+  rng = np.random.default_rng(seed)
+  np.savez(path, x_train=rng.integers(0, 256, (n_train,) + shape, dtype=np.uint8),
+           y_train=np.arange(n_train) % NC, x_test=rng.integers(0, 256, (n_test,) + shape,
+                                                                 dtype=np.uint8),
+           y_test=np.arange(n_test) % NC)
 
-def dec(shape):
-  class Dec(nn.Module):
-    latent_dim: int = 20
-    impl: str = "auto"
-    @nn.compact
-    def __call__(self, z):
-      out = nn.sigmoid(nn.Dense(int(np.prod(shape)))(z))
-      return out.reshape(z.shape[:-1] + shape)
-  return Dec
 
-networks = types.ModuleType("mmvae_jax.networks")
-networks.MnistEncoder = networks.SvhnEncoder = Enc
-networks.MnistDecoder, networks.SvhnDecoder = dec((28, 28, 1)), dec((32, 32, 3))
-"""
+def _train(tmp_path, model):
+  """A one-step run of `model` on MNIST-shaped images and a 16×16×3 SVHN stand-in (an MLP
+  modality, fast on a CPU)."""
+  mnist, standin = tmp_path / "mnist.npz", tmp_path / "usps_colour.npz"
+  if not mnist.exists():
+    _npz(mnist, (28, 28), 60, 40, 0)
+    _npz(standin, (16, 16, 3), 60, 40, 1)
+  config = experiments.get("mnist_svhn").config(
+      model=model, sources={"mnist": str(mnist), "svhn": str(standin)}, k=2, batch_size=8,
+      latent_dim=4, partners=1, max_steps=1, eval_batches=1, figures=False, learn_prior=False,
+      seed=1)
+  wd = tmp_path / model
+  runs.train_run(config, str(wd), progress=False)
+  return wd
 
 
 @pytest.fixture(scope="module")
-def evaluate_module():
-  """experiments/evaluate.py imported once (it defines absl flags)."""
-  spec = importlib.util.spec_from_file_location("evaluate_under_test", EVALUATE)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+def trained(tmp_path_factory):
+  """Workdirs of one-step mvae and vae_svhn runs."""
+  tmp = tmp_path_factory.mktemp("runs")
+  return {kind: _train(tmp, kind) for kind in ("mvae", "vae_svhn")}
 
 
-@pytest.fixture
-def fake_networks(monkeypatch):
+def test_report_of_an_mvae_run(trained):
   import mmvae_jax
-  ns = {}
-  exec(FAKE_NETWORKS, ns)  # pylint: disable=exec-used
-  monkeypatch.setitem(sys.modules, "mmvae_jax.networks", ns["networks"])
-  monkeypatch.setattr(mmvae_jax, "networks", ns["networks"], raising=False)
+  run = mmvae_jax.load_run(str(trained["mvae"]))
+  assert type(run.model) is MVAE and run.model.names == ("mnist", "svhn")
+  lines = []
+  res = report.evaluate(run, report.Settings(
+      parts=("probe", "likelihood"), num_test=16, probe_num_train=16, batch_size=8, llik_k=3,
+      llik_num=4, llik_chunk=2), say=lines.append)
+  out = "\n".join(lines)
+  assert res["model"] == "mvae" and set(res["table1_probe"]["accuracy_joint"]) == {"mnist", "svhn"}
+  assert res["table3_likelihoods"]["proposals"] == {"mnist": 1, "svhn": 1, "mnist,svhn": 1}
+  assert "MVAE (single) ours" in out and "MVAE (both) ours" in out and "95.7" in out
+  assert "-176.68" in out  # the paper's MVAE row of Table 3
+  assert "NOT SVHN" in out and res["notice"]
+  assert res["paper"]["table2"]["mnist->svhn"] == 9.5
+  assert "paper MVAE" not in out  # no coherence part run
+  assert set(res["settings"]) == {"probe", "likelihood"}
 
 
-def _trained_like_mnist_svhn_py(kind, latent_dim=4, learn_prior=False):
-  """The model experiments/mnist_svhn.py builds for --model=kind (same construction)."""
-  from mmvae_jax import model as model_lib, mvae
-  used = {"vae_mnist": ["mnist"], "vae_svhn": ["svhn"]}.get(kind, ["mnist", "svhn"])
-  model = model_lib.mnist_svhn(latent_dim, llik_scaling=0.0, learn_prior=learn_prior)
-  if kind == "mvae":
-    model = mvae.MVAE(modalities=model.modalities, latent_dim=latent_dim)
-  elif kind.startswith("vae_"):
-    model = mvae.single_vae(model.modality(used[0]), latent_dim, learn_prior=learn_prior)
-  return used, model
+def test_report_of_a_single_modality_vae(trained):
+  import mmvae_jax
+  run = mmvae_jax.load_run(str(trained["vae_svhn"]))
+  assert run.model.names == ("svhn",) and run.model.modalities[0].llik_scale == 1.0
+  lines = []
+  res = report.evaluate(run, report.Settings(
+      parts=("classifiers", "probe", "coherence", "likelihood"), num_test=16, probe_num_train=16,
+      batch_size=8, llik_k=3, llik_num=4), say=lines.append)
+  out = "\n".join(lines)
+  assert "skipping classifiers, coherence" in out and "single-VAE ours" in out
+  assert res["model"] == "vae_svhn" and set(res["table1_probe"]["accuracy"]) == {"svhn"}
+  assert "accuracy_joint" not in res["table1_probe"]
+  assert set(res["table3_likelihoods"]["conditional"]) == {"log p(svhn|svhn)"}
+  assert "table2_coherence" not in res and "classifiers" not in res
 
 
-def _run_json(kind, model, used, config):
-  run = {"config": dataclasses.asdict(config),
-         "sources": {**{n: f"{n}.npz" for n in used}, "data_dir": None},
-         "modalities": {m.name: {"shape": list(m.data_shape), "llik_scale": m.llik_scale}
-                        for m in model.modalities}}
-  if kind != "legacy":
-    run["model"] = kind
-  return run
-
-
-@pytest.mark.parametrize("kind", ["legacy", "mmvae", "mvae", "vae_mnist", "vae_svhn"])
-def test_evaluate_rebuilds_each_model_kind(kind, evaluate_module, fake_networks, tmp_path):
-  from mmvae_jax import train
-  ev = evaluate_module
-  config = train.TrainConfig(k=2, batch_size=8, latent_dim=4, learn_prior=False, seed=1)
-  used, trained = _trained_like_mnist_svhn_py("mmvae" if kind == "legacy" else kind)
-  run = _run_json(kind, trained, used, config)
-  got_kind, model = ev.build_model(run, {n: tuple(run["modalities"][n]["shape"]) for n in used})
-  assert got_kind == ("mmvae" if kind == "legacy" else kind)  # absent "model" is the MMVAE
-  assert type(model) is type(trained) and model.names == tuple(used)
-  assert model.latent_dim == 4
-  for a, b in zip(model.modalities, trained.modalities):
-    assert (a.name, a.data_shape, a.llik_scale) == (b.name, b.data_shape, b.llik_scale)
-  if kind in ("legacy", "mmvae", "mvae"):
-    assert model.modality("mnist").llik_scale == pytest.approx(3072 / 784)
-  else:
-    assert model.modalities[0].llik_scale == 1.0 and model.learn_prior is False
-  # Same parameter tree, and the checkpoint of the trained construction restores into it.
-  same = jax.tree.structure(model.init(jax.random.key(0)))
-  assert same == jax.tree.structure(trained.init(jax.random.key(0)))
-  wd = tmp_path / "run"
-  ckpt = train.Checkpointer(str(wd))
-  state = train.init_state(trained, train.make_optimizer(config), jax.random.key(7))
-  ckpt.save(state, {"epoch": 1, "step_in_epoch": 0})
-  ckpt.close()
-  params, step, extra = ev.restore_params(model, run, str(wd), -1)
-  assert step == 0 and extra["epoch"] == 1
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
-    np.testing.assert_array_equal(a, b)
-
-
-def test_evaluate_rejects_unknown_model(evaluate_module):
-  with pytest.raises(ValueError, match="unknown model 'poe'"):
-    evaluate_module.build_model({"model": "poe", "config": {}})
+def test_evaluate_rejects_unknown_model(trained, tmp_path):
+  """A run.json naming an unknown model: one line, exit code 2."""
+  info = json.loads((trained["mvae"] / "run.json").read_text())
+  info["model"] = info["config"]["model"] = "poe"
+  wd = tmp_path / "poe"
+  wd.mkdir()
+  (wd / "run.json").write_text(json.dumps(info))
+  res = _evaluate(f"--workdir={wd}")
+  assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+  assert "unknown model 'poe'" in res.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,13 +339,14 @@ STANDIN = {"mnist": {"spec": "mnist.npz", "name": "mnist", "genuine": True, "lab
 
 
 def _results(kind, acc, acc_joint=None, coherence=None, llik=None, slots=("mnist", "svhn")):
-  res = {"model": kind, "sources": {s: STANDIN[s] for s in slots},
+  res = {"model": kind, "experiment": "mnist_svhn", "modalities": list(slots),
+         "sources": {s: STANDIN[s] for s in slots},
          "table1_probe": {"accuracy": acc, "epochs": 1, "num_train": 10, "num_test": 10}}
   if acc_joint:
     res["table1_probe"]["accuracy_joint"] = acc_joint
   if coherence:
-    res["table2_coherence"] = {"cross": {"cross": {"mnist→svhn": coherence[1],
-                                                   "svhn→mnist": coherence[2]}},
+    res["table2_coherence"] = {"cross": {"cross": {"mnist->svhn": coherence[1],
+                                                   "svhn->mnist": coherence[2]}},
                                "joint": {"joint": coherence[0]}}
   if llik:
     res["table3_likelihoods"] = {"num_samples": 8, **llik}
@@ -363,20 +377,14 @@ def _fake_workdirs(tmp_path):
     wd.mkdir()
     (wd / "results.json").write_text(json.dumps(res))
     wds[name] = wd
-  (wds["a_mmvae"] / "run.json").write_text(json.dumps({"config": {}}))  # no "model": mmvae
+  (wds["a_mmvae"] / "run.json").write_text(json.dumps({"model": "mmvae"}))  # "model" from here
   return wds
 
 
-def _evaluate(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  return subprocess.run([sys.executable, EVALUATE, *args], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=120)
-
-
-def test_comparison_table_rows(tmp_path, evaluate_module):
+def test_comparison_table_rows(tmp_path):
   wds = _fake_workdirs(tmp_path)
   entries = [(str(wd), json.loads((wd / "results.json").read_text())) for wd in wds.values()]
-  comp = evaluate_module.comparison_table(entries)
+  comp = report.comparison_table(entries)
   t1 = {r["model"]: r for r in comp["table1"]}
   assert list(t1) == ["MMVAE", "MVAE (single)", "MVAE (both)", "single-VAE"]
   assert t1["MMVAE"]["ours"] == {"mnist": 81.25, "svhn": 61.5}
@@ -386,8 +394,8 @@ def test_comparison_table_rows(tmp_path, evaluate_module):
   assert t1["single-VAE"]["ours"] == {"mnist": 77.75, "svhn": None}
   assert t1["single-VAE"]["paper"] == {"mnist": 85.3, "svhn": 20.7}
   t2 = {r["model"]: r for r in comp["table2"]}
-  assert t2["MVAE"]["ours"] == {"joint": 11.5, "mnist→svhn": 12.25, "svhn→mnist": 13.25}
-  assert t2["MVAE"]["paper"] == {"joint": 12.7, "mnist→svhn": 9.5, "svhn→mnist": 9.3}
+  assert t2["MVAE"]["ours"] == {"joint": 11.5, "mnist->svhn": 12.25, "svhn->mnist": 13.25}
+  assert t2["MVAE"]["paper"] == {"joint": 12.7, "mnist->svhn": 9.5, "svhn->mnist": 9.3}
   t3 = {(r["m"], r["model"]): r for r in comp["table3"]}
   assert t3[("mnist", "MVAE")]["ours"] == [-2000.0, -1998.0, -1996.0, -1994.0]
   assert t3[("svhn", "MVAE")]["paper"] == [None, 3395.12, 3536.86, -12747.50]
@@ -421,57 +429,21 @@ def test_compare_command_prints_rows_and_fails_on_missing_results(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The whole command on untrained checkpoints of every kind (slow: run with --runslow).
-
-RUN_WITH_FAKE_NETWORKS = FAKE_NETWORKS + """
-import runpy, sys
-sys.modules["mmvae_jax.networks"] = networks
-import mmvae_jax
-mmvae_jax.networks = networks
-script = sys.argv[1]
-sys.argv = [script] + sys.argv[2:]
-runpy.run_path(script, run_name="__main__")
-"""
-
-
-def _npz(path, shape, n_train, n_test, seed):
-  rng = np.random.default_rng(seed)
-  np.savez(path, x_train=rng.integers(0, 256, (n_train,) + shape, dtype=np.uint8),
-           y_train=np.arange(n_train) % NC, x_test=rng.integers(0, 256, (n_test,) + shape,
-                                                                 dtype=np.uint8),
-           y_test=np.arange(n_test) % NC)
+# The whole command on trained runs of every kind (slow: run with --runslow).
 
 
 @pytest.mark.slow
-def test_evaluate_command_for_every_model_kind(tmp_path, fake_networks):
-  from mmvae_jax import train
-  _npz(tmp_path / "mnist.npz", (28, 28), 60, 40, 0)
-  _npz(tmp_path / "usps_colour.npz", (32, 32, 3), 60, 40, 1)
-  config = train.TrainConfig(k=2, batch_size=8, latent_dim=4, partners=1, seed=1,
-                             learn_prior=False)
-  wds = {}
-  for kind in ("mvae", "vae_mnist", "vae_svhn"):
-    used, model = _trained_like_mnist_svhn_py(kind)
-    wd = tmp_path / kind
-    ckpt = train.Checkpointer(str(wd))
-    ckpt.save(train.init_state(model, train.make_optimizer(config), jax.random.key(0)),
-              {"epoch": 0, "step_in_epoch": 0})
-    ckpt.close()
-    run = _run_json(kind, model, used, config)
-    run["sources"] = {**{n: str(tmp_path / ("mnist.npz" if n == "mnist" else "usps_colour.npz"))
-                         for n in used}, "data_dir": None}
-    (wd / "run.json").write_text(json.dumps(run))
-    wds[kind] = wd
-  wrapper = tmp_path / "wrapper.py"
-  wrapper.write_text(RUN_WITH_FAKE_NETWORKS)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+def test_evaluate_command_for_every_model_kind(tmp_path, trained):
+  wds = dict(trained)
+  for kind in ("mmvae", "vae_mnist"):
+    wds[kind] = _train(trained["mvae"].parent, kind)
   common_flags = ["--num_test=16", "--probe_num_train=16", "--llik_k=4", "--llik_num=4",
-                  "--llik_chunk=3", "--kl_num=8", "--traversal_steps=3", "--batch_size=8"]
+                  "--llik_chunk=3", "--kl_num=8", "--traversal_steps=3", "--batch_size=8",
+                  "--classifier_epochs=1", "--joint_num=20",
+                  f"--classifier_cache={tmp_path / 'cache'}"]
 
   def evaluate(wd, *args):
-    res = subprocess.run([sys.executable, str(wrapper), EVALUATE, f"--workdir={wd}",
-                          *common_flags, *args], env=env, cwd=REPO, capture_output=True,
-                         text=True)
+    res = _evaluate(f"--workdir={wd}", *common_flags, *args, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout, json.loads((wd / "results.json").read_text())
 
@@ -483,12 +455,37 @@ def test_evaluate_command_for_every_model_kind(tmp_path, fake_networks):
     assert set(res["table3_likelihoods"]["conditional"]) == {f"log p({slot}|{slot})"}
     assert "table2_coherence" not in res and "classifiers" not in res
     assert (wds[kind] / "eval_kl.png").exists()
+  out, res = evaluate(wds["mmvae"])
+  assert res["table3_likelihoods"]["proposals"]["mnist,svhn"] == 2
+  assert set(res["table2_coherence"]["cross"]["cross"]) == {"mnist->svhn", "svhn->mnist"}
   out, res = evaluate(wds["mvae"], "--parts=probe,likelihood,figures",
-                      f"--compare={wds['vae_mnist']},{wds['vae_svhn']}")
-  assert res["model"] == "mvae" and res["table1_probe"]["posterior"] == "poe"
-  assert set(res["table1_probe"]["accuracy_joint"]) == {"mnist", "svhn"}
-  assert res["table3_likelihoods"]["proposal"] == "poe"
+                      f"--compare={wds['mmvae']},{wds['vae_mnist']},{wds['vae_svhn']}")
+  assert res["model"] == "mvae" and set(res["table1_probe"]["accuracy_joint"]) == {"mnist", "svhn"}
+  assert res["table3_likelihoods"]["proposals"] == {"mnist": 1, "svhn": 1, "mnist,svhn": 1}
   assert "MVAE (single) ours" in out and "paper MVAE" not in out  # no coherence part run
   assert "Table 1 (comparison)" in out and "NOT SVHN" in out
-  assert [r["model"] for r in res["comparison"]["table1"]] == ["MVAE (single)", "MVAE (both)",
-                                                               "single-VAE"]
+  assert [r["model"] for r in res["comparison"]["table1"]] == [
+      "MMVAE", "MVAE (single)", "MVAE (both)", "single-VAE"]
+
+
+@pytest.mark.slow
+def test_evaluate_command_on_a_cub_run(tmp_path):
+  """A CUB run (synthetic image features, a few captions) gets Table 4 through the cub module."""
+  words = ["a", "small", "bird", "with", "red", "wings", "and", "black", "head", "tail"]
+  rng = np.random.default_rng(0)
+  caps = [" ".join(rng.choice(words, size=6)) + " ." for _ in range(80)]
+  np.savez(tmp_path / "caps.npz", captions=np.array(caps),
+           class_id=np.repeat(np.arange(8) % 2 + 1, 10))
+  config = experiments.get("cub").config(
+      model="mmvae", k=2, batch_size=4, max_steps=2, eval_batches=1, figures=False, partners=1,
+      latent_dim=4, options={"captions": str(tmp_path / "caps.npz"), "synthetic_features": True,
+                             "heldout_fraction": 0.25, "bn_batches": 1, "report_num": 4,
+                             "num_examples": 1})
+  wd = tmp_path / "run"
+  runs.train_run(config, str(wd), devices=jax.devices()[:1], progress=False)
+  res = _evaluate(f"--workdir={wd}", "--batch_size=2", "--joint_num=8", timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "Table 4" in res.stdout and "SYNTHETIC" in res.stdout and "paper MMVAE" in res.stdout
+  out = json.loads((wd / "results.json").read_text())
+  assert out["table4"]["num"] == 8 and out["settings"]["table4"] == {"batch_size": 2,
+                                                                      "joint_num": 8}

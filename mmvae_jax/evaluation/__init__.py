@@ -1,22 +1,23 @@
-"""Evaluation of a trained MMVAE, MVAE or single-modality VAE: the paper's Tables 1-3 and
-Figs 4-5 (spec §9).
+"""Evaluation of trained multimodal VAEs: the paper's Tables 1-4 and Figs 4-5.
 
   from mmvae_jax import evaluation as ev
   clf = {"mnist": ev.classifiers.for_source(mnist_train, mnist_test), ...}
   ev.cross_coherence(model, params, test_set, clf, key=key)          # Table 2, cross
   ev.joint_coherence(model, params, clf, key=key, num=10000)         # Table 2, joint
-  ev.subset_coherence(model, params, test_set, clf, key=key)         # any subset → the rest
+  ev.subset_coherence(model, params, test_set, clf, key=key)         # any subset -> the rest
   ev.latent_probe(model, params, train_set, test_set, key=key)       # Table 1
   ev.log_likelihoods(model, params, test_set, key=key, num_samples=1000)   # Table 3
 
-Every function takes an `MMVAE` (mixture of experts; a single-modality VAE is one with M = 1)
-or an `MVAE` (product of experts), duck-typed: a model with ``posterior(params, observed)`` is
-evaluated with its product-of-experts posteriors (probe, likelihood proposals, cross generation,
-figures), any other with its experts and their mixture (`common.subset_posterior`).
+Every function takes any model of the library and uses only its protocol
+(`mmvae_jax.models.MultimodalVAE`): ``posterior(params, observed)`` of any subset of modalities
+(a distribution, or a `UniformMixture` of them: `mmvae_jax.models.components`), ``reconstruct``,
+``cross_generate``, ``generate``, ``decode``, ``prior``.
 
 Modules: `classifiers` (digit classifiers with a checksummed cache), `coherence`, `probe`,
 `likelihood` (chunked importance sampling), `figures` (PNG), `common` (subsets, batches),
-`cca` (the CUB CCA coherence of Table 4; imports gensim only when fitting FastText).
+`cca` (the CUB CCA coherence of Table 4; imports gensim only when fitting FastText) and
+`report` (the whole evaluation of a trained run: ``report.evaluate(run, settings)``, the printed
+tables and results.json).
 """
 from mmvae_jax.evaluation import cca, classifiers, coherence, common, figures, likelihood, probe
 from mmvae_jax.evaluation.classifiers import Classifier, DigitClassifier

@@ -1,4 +1,4 @@
-"""CUB coherence by CCA (the paper's Table 4; official analyse_cub.py / helper.py, spec §9.7).
+"""CUB coherence by CCA (the paper's Table 4; official analyse_cub.py / helper.py).
 
 Sentence embedding (as the official code, not the paper's plain average):
 

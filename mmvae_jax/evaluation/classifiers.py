@@ -1,4 +1,4 @@
-"""Digit classifiers for the coherence metrics (official helper.py architecture, spec §9.3).
+"""Digit classifiers for the coherence metrics (official helper.py architecture).
 
 Architecture (PyTorch layer order kept; NHWC here):
 

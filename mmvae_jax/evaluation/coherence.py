@@ -1,23 +1,22 @@
-"""Coherence of cross and joint generations (paper Table 2; spec §9.4-9.5).
+"""Coherence of cross and joint generations (the paper's Table 2), for any model of the library.
 
-* Cross coherence e→d: one posterior sample z ~ q_e(z | x_e) per test pair (K = 1), decoded by
-  modality d's decoder (the mean), classified by d's digit classifier, compared with the pair's
-  label. Reported per ordered pair as "source→target" (e.g. "mnist→svhn"); the diagonal e = e
-  (reconstructions) is reported separately. The paper's Table 2 direction labels are ambiguous
-  (spec §10 trap 20), so every number here carries its direction explicitly.
-* Subset coherence: z ~ the uniform mixture of the experts of a non-empty proper subset S of
-  the modalities (`MMVAE.cross_generate`), decoded in every modality t ∉ S and classified.
-* Joint coherence: `num` (10,000) prior samples decoded in every modality; the % where all the
-  predicted digits agree.
+* Cross coherence e->d: one sample z of q(z | x_e) per test pair (K = 1, `model.reconstruct`),
+  decoded by modality d's decoder (the mean), classified by d's digit classifier, compared with
+  the pair's label. Reported per ordered pair as "source->target" (e.g. "mnist->svhn"); the
+  diagonal e->e (reconstructions) is reported separately. The paper's direction labels are
+  ambiguous (docs/official-code.md, "Table 2 direction labels"), so every number here carries its
+  direction explicitly.
+* Subset coherence: z ~ q(z | x_S), the model's posterior of a non-empty proper subset S of the
+  modalities (`model.cross_generate`), decoded in every modality t outside S and classified;
+  keys "a+b->t".
+* Joint coherence: `num` (10,000) prior samples (`model.generate`) decoded in every modality;
+  the % where all the predicted digits agree.
 
-For an MVAE (product of experts) the same functions decode samples of its posterior of the
-observed modalities, the product of the prior expert and their experts: cross coherence through
-`MVAE.reconstruct` (recon[e][d] decodes z ~ q(z | x_e) = PoE(prior, expert e)), subset coherence
-through `MVAE.cross_generate` (z ~ q(z | x_S)), joint coherence through `MVAE.generate` (its
-N(0, I) prior).
+Which posterior is sampled is the model's: the MMVAE's expert q_e (a subset: the mixture of its
+experts), the MVAE's product of the prior expert and the observed experts.
 
 All accuracies are percentages. Classifiers are `mmvae_jax.evaluation.classifiers.Classifier`
-objects keyed by modality name.
+objects keyed by modality name. Keys are plain ASCII.
 """
 from __future__ import annotations
 
@@ -32,11 +31,11 @@ import numpy as np
 from mmvae_jax.evaluation.classifiers import Classifier
 from mmvae_jax.evaluation.common import paired_batches, select_rows
 
-ARROW = "→"
+ARROW = "->"
 
 
 def direction(sources: Sequence[str], target: str) -> str:
-  """"mnist→svhn" (one source) or "mnist+usps→svhn" (a subset)."""
+  """"mnist->svhn" (one source) or "mnist+usps->svhn" (a subset)."""
   return "+".join(sources) + ARROW + target
 
 
@@ -70,7 +69,7 @@ def cross_coherence(model, params, dataset, classifiers: Mapping[str, Classifier
   """Cross coherence for every ordered pair of modalities (K = 1, decoder means).
 
   Args:
-    model: an `MMVAE` or `MVAE` (module docstring).
+    model: any model of the library (module docstring).
     params: its parameters.
     dataset: a `PairedDataset` (the test pairs); labels are the pairs' labels.
     classifiers: {modality name: Classifier} for every modality.
@@ -80,7 +79,7 @@ def cross_coherence(model, params, dataset, classifiers: Mapping[str, Classifier
     seed: seed of the subset.
     log: optional callable receiving about ten progress lines.
   Returns:
-    {"cross": {"e→d": % for e != d}, "reconstruction": {"e→e": %}, "num": pairs evaluated}.
+    {"cross": {"e->d": % for e != d}, "reconstruction": {"e->e": %}, "num": pairs evaluated}.
   """
   names = model.names
   _check_classifiers(model, classifiers, names)
@@ -115,13 +114,13 @@ def subset_coherence(model, params, dataset, classifiers: Mapping[str, Classifie
                      seed: int = 0) -> dict:
   """Coherence of generation from every non-empty proper subset S to every target t ∉ S.
 
-  z ~ the uniform mixture of the experts of S (one sample per pair), decoded by t's decoder
+  z ~ q(z | x_S), the model's posterior of S (one sample per pair), decoded by t's decoder
   (mean), classified by t's classifier, compared with the pair's label. With one observed
   modality this is cross coherence (with its own samples).
 
   Returns:
-    {"by_subset": {"S→t": %}, "by_size": {"|S|": mean % over the (S, t) of that size},
-     "num": pairs evaluated}.
+    {"by_subset": {"S->t": %, S joined by "+"}, "by_size": {"|S|": mean % over the (S, t) of
+     that size}, "num": pairs evaluated}.
   """
   names = model.names
   if len(names) < 2:

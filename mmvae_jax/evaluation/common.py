@@ -58,32 +58,3 @@ def as_float(x: np.ndarray) -> np.ndarray:
   if x.dtype == np.uint8:
     return np.divide(x, np.float32(255), dtype=np.float32)
   return x.astype(np.float32, copy=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Which posterior a model offers (duck typing: MMVAE, MVAE, single-modality VAE).
-
-
-def has_product_posterior(model) -> bool:
-  """Whether `model` has a closed-form posterior of any subset, ``model.posterior(params,
-  {name: x})`` (the MVAE's product of experts with the prior expert); the MMVAE has none (its
-  joint posterior is the mixture of its experts)."""
-  return callable(getattr(model, "posterior", None))
-
-
-def subset_posterior(model, params, observed):
-  """q(z | x_S) as one distribution with batch shape (B, D).
-
-  For a model with `posterior` (the MVAE): that product of experts, for any non-empty S. For an
-  MMVAE: the expert `encode_one` of a single observed modality (the mixture of several experts is
-  no single distribution here: use `model.mixture_sample` to sample it).
-  """
-  if not observed:
-    raise ValueError("observe at least one modality")
-  if has_product_posterior(model):
-    return model.posterior(params, dict(observed))
-  if len(observed) != 1:
-    raise ValueError(f"{type(model).__name__} has no closed-form posterior of several "
-                     f"modalities ({sorted(observed)}): sample its mixture instead")
-  (name, x), = observed.items()
-  return model.encode_one(params, name, x)

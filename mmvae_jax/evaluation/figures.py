@@ -5,15 +5,14 @@
 * `reconstruction_grid`: test data, reconstructions and cross generations (Fig. 4 rows).
 * `latent_traversals`: for a test datum x_m, the posterior mean μ_m of q_m(z | x_m) is moved
   along each latent dimension d over μ_m^d ± 5 σ_0^d, where σ_0^d is the *learned* prior's
-  standard deviation (Laplace: √2·scale), and decoded in every modality (Fig. 5; spec §10
-  trap 22: the official script is broken and uses an untrained prior).
+  standard deviation (Laplace: √2·scale), and decoded in every modality (Fig. 5; the official
+  script differs, see docs/official-code.md, "Latent traversals").
 * `kl_statistics` / `kl_boxplot`: per-dimension KL(q_m(z | x_m) || p(z)) over test data for
   every modality, and the symmetric KL 0.5 (KL(q_a || q_b) + KL(q_b || q_a)) between every pair of
   posteriors (Fig. 5 right).
 
-For a product-of-experts model (the MVAE) "q_m(z | x_m)" is its posterior of modality m alone,
-``model.posterior(params, {m: x_m})`` (the product of the prior expert and expert m), as used by
-its cross generations; for the MMVAE it is expert m itself.
+"q_m(z | x_m)" is the model's posterior of modality m alone, ``model.posterior(params, {m: x_m})``:
+expert m itself for the MMVAE, the product of the prior expert and expert m for the MVAE.
 """
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ import numpy as np
 
 from mmvae_jax import distributions as dists
 from mmvae_jax import visualize
-from mmvae_jax.evaluation.common import subset_posterior
+from mmvae_jax.models import components
 
 
 def _matplotlib():
@@ -75,6 +74,20 @@ def traversal_latents(mean: jax.Array, std: jax.Array, steps: int = 11, span: fl
   return mean[None, None, :] + offsets
 
 
+def posterior_mean(posterior) -> jax.Array:
+  """(B, D) mean of a posterior (of a mixture: the average of its components' means)."""
+  return jnp.mean(jnp.stack([q.mean() for q in components(posterior)]), axis=0)
+
+
+def single_posterior(model, params, name: str, x: jax.Array):
+  """q(z | x_name) as one distribution with batch shape (B, D) (ValueError for a mixture)."""
+  comps = components(model.posterior(params, {name: x}))
+  if len(comps) != 1:
+    raise ValueError(f"{type(model).__name__}: the posterior of {name!r} alone is a mixture of "
+                     f"{len(comps)} components; per-dimension KLs need a single distribution")
+  return comps[0]
+
+
 def latent_traversals(model, params, x: Sequence[np.ndarray], path: str | None = None, *,
                       steps: int = 11, span: float = 5.0) -> dict:
   """Per-dimension traversals around each modality's posterior mean, decoded in all modalities.
@@ -91,8 +104,7 @@ def latent_traversals(model, params, x: Sequence[np.ndarray], path: str | None =
   decode = jax.jit(model.decode)
   images, means = {}, {}
   for name, xm in zip(names, x):
-    q = subset_posterior(model, params, {name: jnp.asarray(xm[:1])})
-    mu = q.mean()[0]
+    mu = posterior_mean(model.posterior(params, {name: jnp.asarray(xm[:1])}))[0]
     means[name] = np.asarray(mu)
     out = decode(params, traversal_latents(mu, std, steps, span))
     for dec, img in zip(names, out):
@@ -167,7 +179,7 @@ def kl_statistics(model, params, xs: Sequence[np.ndarray], key: jax.Array | None
   """
   @jax.jit
   def fn(params, xs):
-    qs = [subset_posterior(model, params, {n: x}) for n, x in zip(model.names, xs)]
+    qs = [single_posterior(model, params, n, x) for n, x in zip(model.names, xs)]
     p = model.prior(params)
     prior = {n: per_dim_kl(q, p, key) for n, q in zip(model.names, qs)}
     sym = {}

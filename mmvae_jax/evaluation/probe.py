@@ -1,20 +1,20 @@
-"""Latent linear probe (paper Table 1; spec §9.2).
+"""Latent linear probe (the paper's Table 1).
 
-For each modality separately: a linear classifier D → 10 (cross-entropy, Adam 1e-3,
-batch 256) on **one reparameterised sample** of the model's posterior, drawn fresh for every
-batch (not the mean; no gradient into the VAE), over the paired train set. Test accuracy (%)
-uses the same sampling on the paired test pairs. The official code trains 30 epochs over the
-1,682,040 train pairs; the default here is 1 epoch (`epochs`).
+A linear classifier D → 10 (cross-entropy, Adam 1e-3, batch 256) is trained on **one
+reparameterised sample** of a posterior of the model, drawn fresh for every batch (not the mean;
+no gradient into the VAE), over the paired train set. Test accuracy (%) uses the same sampling on
+the paired test pairs. The official code trains 30 epochs over the 1,682,040 train pairs; the
+default here is 1 epoch (`epochs`). See docs/official-code.md, "Latent linear probe".
 
-Which posterior is sampled depends on the model (duck-typed, `common.has_product_posterior`):
+Probes ("views"), for any model of the library (its ``posterior(params, observed)``):
 
-* MMVAE (and the single-modality VAE, an MMVAE with M = 1): z ~ q_m(z | x_m), modality m's own
-  expert (Table 1's "MMVAE" and "single-VAE" columns).
-* MVAE (a model with ``posterior(params, observed)``): "single" probes on z ~ q(z | x_m), the
-  product of the prior expert and expert m (Table 1 "MVAE (single)"), and "both" probes on
-  z ~ q(z | x_{1:M}), the product of every expert (Table 1 "MVAE (both)"). A "both" probe is
-  trained for every modality's label (the labels of a pair are equal, so these probes differ
-  only in their initialisation and samples), as the paper reports one number per modality.
+* one per modality m on z ~ q(z | x_m): for the MMVAE (and the single-modality VAE) the expert
+  q_m itself (Table 1's "MMVAE" and "single-VAE" columns), for the MVAE the product of the prior
+  expert and expert m (Table 1's "MVAE (single)");
+* with M >= 2, one per modality's label on z ~ q(z | x_{1:M}), the posterior of all modalities
+  (view "<name>@joint"; Table 1's "MVAE (both)" for the MVAE; a sample of the mixture of experts
+  for the MMVAE). The labels of a pair are equal, so these probes differ only in their
+  initialisation and samples; the paper reports one number per modality.
 
 All probes are trained together in one jitted step (their losses are independent).
 """
@@ -26,18 +26,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmvae_jax.evaluation.common import (has_product_posterior, paired_batches, select_rows,
-                                         subset_posterior)
+from mmvae_jax.evaluation.common import paired_batches, select_rows
 
 NUM_CLASSES = 10
 JOINT_SUFFIX = "@joint"
 
 
 def probe_views(model) -> list[tuple[str, tuple[str, ...]]]:
-  """(probe id, observed modalities) of every probe: one per modality, plus for a product-of-
-  experts model with M >= 2 one joint-posterior probe per modality (id "<name>@joint")."""
+  """(probe id, observed modalities) of every probe: one per modality, plus with M >= 2 one
+  probe of the posterior of all modalities per modality's label (id "<name>@joint")."""
   views = [(n, (n,)) for n in model.names]
-  if has_product_posterior(model) and len(model.names) > 1:
+  if len(model.names) > 1:
     views += [(n + JOINT_SUFFIX, tuple(model.names)) for n in model.names]
   return views
 
@@ -47,7 +46,7 @@ def _sample(model, params, xs, key, views):
   keys = jax.random.split(key, len(views))
   params = jax.lax.stop_gradient(params)
   data = dict(zip(model.names, xs))
-  return [subset_posterior(model, params, {n: data[n] for n in observed}).sample(seed=k)
+  return [model.posterior(params, {n: data[n] for n in observed}).sample(seed=k)
           for (_, observed), k in zip(views, keys)]
 
 
@@ -58,17 +57,16 @@ def latent_probe(model, params, train_set, test_set, *, key: jax.Array, epochs: 
   """Trains linear probes on posterior samples and reports their test accuracy.
 
   Args:
-    model, params: an MMVAE, MVAE or single-modality VAE and its parameters (not modified).
+    model, params: any model of the library and its parameters (not modified).
     train_set, test_set: `PairedDataset`s; the label of a pair is the label of every modality.
     key: PRNG key of the posterior samples and the probes' initialisation.
     epochs: passes over the (subset of the) train pairs, each in a fresh order.
     num_train, num_test: random subsets of that many pairs (None/0: all).
     seed: seed of the subsets and of the visiting orders.
   Returns:
-    {"accuracy": {name: % on the test pairs}, "train_accuracy": {name: % over the last epoch's
-     batches}, "posterior": "expert" (MMVAE: q_m) or "poe" (MVAE: PoE of the prior and
-     expert m), "epochs", "num_train", "num_test"}; for an MVAE with M >= 2 also
-    "accuracy_joint" and "train_accuracy_joint": {name: %} of the probes on the joint PoE.
+    {"accuracy": {name: % on the test pairs, z ~ q(z | x_name)}, "train_accuracy": {name: %
+     over the last epoch's batches}, "epochs", "num_train", "num_test"}; with M >= 2 also
+    "accuracy_joint" and "train_accuracy_joint": {name: %} of the probes on z ~ q(z | x_{1:M}).
   """
   if epochs < 1:
     raise ValueError(f"probe epochs must be >= 1, got {epochs}")
@@ -131,7 +129,6 @@ def latent_probe(model, params, train_set, test_set, *, key: jax.Array, epochs: 
   test_acc = {v: float(100.0 * c / total) for v, c in zip(ids, correct)}
   out = {"accuracy": {n: test_acc[n] for n in model.names},
          "train_accuracy": {n: train_acc[n] for n in model.names},
-         "posterior": "poe" if has_product_posterior(model) else "expert",
          "epochs": epochs, "num_train": int(len(train_rows)), "num_test": int(total)}
   if len(ids) > len(model.names):
     out["accuracy_joint"] = {n: test_acc[n + JOINT_SUFFIX] for n in model.names}
