@@ -118,6 +118,10 @@ def define_run_flags(experiment_name: str, flag_values: flags.FlagValues = FLAGS
   flags.DEFINE_string("workdir", f"runs/{experiment_name}",
                       "Checkpoints, logs and figures go here; re-running the same command "
                       "resumes from the latest checkpoint.", flag_values=flag_values)
+  flags.DEFINE_boolean("override_config", False,
+                       "Resume a workdir with values that change its run (they are recorded in "
+                       "launches.jsonl); without it such a launch is refused.",
+                       flag_values=flag_values)
   define_host_memory_flags(flag_values)
 
 
@@ -131,6 +135,47 @@ def config_from_flags(experiment_name: str, flag_values: flags.FlagValues = FLAG
   sources = {n: flag_values[n].value for n in dict(getattr(exp, "default_sources", ()))}
   options = {n: flag_values[n].value for n in exp.option_flags()}
   return RunConfig(experiment=experiment_name, sources=sources, options=options, **values)
+
+
+TRACEBACK_ENV = "MMVAE_JAX_TRACEBACK"
+
+
+def quiet_libraries(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Library loggers (orbax, absl, jax) at WARNING unless --verbosity was given."""
+  from absl import logging as absl_logging
+  if not flag_values["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("jax", "orbax", "absl"):
+      logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def show_tracebacks(flag_values: flags.FlagValues = FLAGS) -> bool:
+  """Whether unexpected errors show their traceback (--verbosity >= 1 or MMVAE_JAX_TRACEBACK=1)."""
+  import os
+  return os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or flag_values.verbosity >= 1
+
+
+def guarded(prog: str, fn: Callable[[], None]) -> None:
+  """Runs `fn`; a bad environment or an unexpected error becomes one line on stderr."""
+  try:
+    fn()
+  except SystemExit:
+    raise
+  except KeyboardInterrupt as e:
+    code = getattr(e, "exit_code", 130)
+    fail(prog, str(e) or "interrupted", code)
+  except MemoryError:
+    fail(prog, "out of host memory: lower --batch_size or --k", 2)
+  except OSError as e:
+    if show_tracebacks():
+      raise
+    fail(prog, f"{e.strerror or type(e).__name__}: {e.filename or e}", 2)
+  except Exception as e:  # pylint: disable=broad-except
+    if show_tracebacks():
+      raise
+    text = str(e).strip().splitlines()
+    fail(prog, f"unexpected {type(e).__name__}: {text[0] if text else ''} (set "
+               f"{TRACEBACK_ENV}=1 or --verbosity=1 for the traceback)", 1)
 
 
 def train_main(experiment_name: str, prog: str) -> Callable[[list[str]], None]:
@@ -147,18 +192,26 @@ def train_main(experiment_name: str, prog: str) -> Callable[[list[str]], None]:
     from mmvae_jax import experiments
     num_modalities = len(experiments.get(experiment_name).used_modalities(config))
     apply_host_memory_flags(num_modalities * config.k * config.batch_size)
-    from absl import logging as absl_logging
-    from mmvae_jax import runs, train
-    absl_logging.set_verbosity(absl_logging.WARNING)  # checkpointing's INFO lines
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-      final = runs.train_run(config, FLAGS.workdir)
-    except runs.RunError as e:
-      fail(prog, str(e))
-    except train.NonFiniteLossError as e:
-      fail(prog, str(e), 1)
-    import json
-    logging.info("done: %s", json.dumps(final, default=str))
+    quiet_libraries()
+    log = logging.getLogger("mmvae_jax")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # absl's handler (at WARNING) would drop the progress lines
+
+    def run():
+      from mmvae_jax import runs, train
+      try:
+        final = runs.train_run(config, FLAGS.workdir, override_config=FLAGS.override_config)
+      except runs.RunError as e:
+        fail(prog, str(e))
+      except train.NonFiniteLossError as e:
+        fail(prog, str(e), 1)
+      import json
+      log.info("done: %s", json.dumps(final, default=str))
+
+    guarded(prog, run)
 
   return main
 

@@ -182,17 +182,121 @@ def load_run(workdir: str, step: int = -1) -> Run:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training a run.
+# Training a run: one writer per workdir, the config as the workdir's identity.
+
+LOCK_FILE = ".lock"
+LAUNCHES_FILE = "launches.jsonl"
+# RunConfig fields that may change between launches of one run (how long, how often, where the
+# data lie, how it is computed); every other field defines the run.
+MUTABLE_FIELDS = ("epochs", "max_steps", "eval_every", "eval_batches", "eval_batch_size",
+                  "checkpoint_every", "log_every", "keep_checkpoints", "figures", "decoder_impl",
+                  "data_dir")
+MUTABLE_OPTIONS = ("bn_batches", "report_num", "num_examples")
 
 
-def train_run(config: RunConfig, workdir: str, *, devices=None, progress: bool | None = None
-              ) -> dict:
-  """Builds the data and model of `config`, writes run.json and trains (resuming from the
-  workdir's latest checkpoint). Returns the final metrics (and the experiment's report).
+class WorkdirLock:
+  """An exclusive lock on a workdir (``flock`` on ``<workdir>/.lock``), released when the
+  process exits, however it exits: a lock of a dead process is never stale."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._fd = None
+
+  def acquire(self) -> "WorkdirLock":
+    import fcntl
+    import socket
+    import time
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+      os.close(fd)
+      raise RunError(f"{os.path.dirname(self.path) or '.'} is in use by {holder}: wait for it "
+                     f"to finish or give another --workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (f"process {os.getpid()} on {socket.gethostname()} since "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode(), 0)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # closing releases the flock
+      self._fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+    return False
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> dict:
+  """{field: [old, new]} of the fields that define a run and differ."""
+  a, b = old.to_dict(), new.to_dict()
+  out = {}
+  for name in a:
+    if name in MUTABLE_FIELDS:
+      continue
+    if name == "options":
+      keys = sorted((set(a[name]) | set(b[name])) - set(MUTABLE_OPTIONS))
+      for k in keys:
+        if a[name].get(k) != b[name].get(k):
+          out[f"{k}"] = [a[name].get(k), b[name].get(k)]
+    elif a[name] != b[name]:
+      out[name] = [a[name], b[name]]
+  return out
+
+
+def _describe(changes: dict) -> str:
+  return ", ".join(f"--{k}: {v[0]!r} -> {v[1]!r}" for k, v in changes.items())
+
+
+def _check_identity(config: RunConfig, workdir: str, override: bool) -> dict:
+  """Compares `config` with the workdir's run.json (if any); returns the changes accepted.
+
+  Raises RunError when the run would change and `override` is False, or run.json is unreadable.
+  """
+  path = os.path.join(workdir, RUN_FILE)
+  if not os.path.exists(path):
+    return {}
+  try:
+    old = config_from_info(read_run_info(workdir), path)
+  except RunError as e:
+    raise RunError(f"{e}; it records the run trained in {workdir}: give another --workdir") from None
+  changes = config_changes(old, config)
+  if changes and not override:
+    raise RunError(f"{workdir} holds a run trained with other values ({_describe(changes)}): "
+                   f"resume it with its own values, give another --workdir, or pass "
+                   f"--override_config to continue it with these")
+  return changes
+
+
+def _append_launch(workdir: str, config: RunConfig, changes: dict) -> None:
+  import time
+  row = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid(),
+         "changes": changes, "config": config.to_dict()}
+  with open(os.path.join(workdir, LAUNCHES_FILE), "a") as f:
+    f.write(json.dumps(row, default=str) + "\n")
+
+
+def train_run(config: RunConfig, workdir: str, *, devices=None, progress: bool | None = None,
+              override_config: bool = False) -> dict:
+  """Builds the data and model of `config`, checks them, writes run.json and trains (resuming
+  from the workdir's latest readable checkpoint). Returns the final metrics (and the
+  experiment's report).
+
+  Nothing is written before every check has passed. The workdir is locked for the whole call
+  (a second launch fails at once); a workdir that already holds a run resumes it only with the
+  same run-defining values (`config_changes`) unless `override_config`, which appends the
+  change to ``launches.jsonl`` and rewrites run.json.
 
   Raises:
-    RunError: bad data or configuration (one-line message).
+    RunError: bad data, configuration or workdir (one-line message).
     mmvae_jax.train.NonFiniteLossError: training met a non-finite loss.
+    mmvae_jax.train.Interrupted: SIGINT / SIGTERM (the step in flight is checkpointed).
   """
   import jax
   from mmvae_jax import experiments, train
@@ -202,20 +306,46 @@ def train_run(config: RunConfig, workdir: str, *, devices=None, progress: bool |
     config.train_config().validate(jax.device_count() if devices is None else len(devices))
   except ValueError as e:
     raise RunError(str(e)) from None
-  os.makedirs(workdir, exist_ok=True)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise RunError(f"--workdir={workdir} is a file, not a folder: give a folder")
   try:
     data = experiment.build_data(config, workdir=workdir)
     model = experiment.build_model(config, data)
     model.resolve_objective(config.objective)
   except (FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
     raise RunError(_first_line(e)) from None
-  write_json(os.path.join(workdir, RUN_FILE), run_info(config, model, data))
-  log.info("%s %s on %s: %d train / %d test pairs; %d device(s)", config.model,
-           list(model.names), config.experiment, len(data.train), len(data.test),
-           jax.device_count())
-  final = train.train_and_evaluate(model, config.train_config(), workdir, data.train, data.test,
-                                   devices=devices, progress=progress)
-  after = getattr(experiment, "after_training", None)
-  if after is not None:
-    final = after(model, config, data, workdir, final)
-  return final
+  created = not os.path.exists(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    lock = WorkdirLock(workdir).acquire()
+  except OSError as e:
+    raise RunError(f"cannot write to --workdir={workdir} ({e.strerror or _first_line(e)}): give "
+                   f"a writable folder") from None
+  try:
+    try:
+      changes = _check_identity(config, workdir, override_config)
+    except RunError:
+      if created:
+        lock.release()
+        import shutil
+        shutil.rmtree(workdir, ignore_errors=True)
+      raise
+    info_path = os.path.join(workdir, RUN_FILE)
+    if changes or not os.path.exists(info_path):
+      write_json(info_path, run_info(config, model, data))
+    experiment.write_files(data, workdir)
+    _append_launch(workdir, config, changes)
+    log.info("%s %s on %s: %d train / %d test pairs; %d device(s)", config.model,
+             list(model.names), config.experiment, len(data.train), len(data.test),
+             jax.device_count())
+    try:
+      final = train.train_and_evaluate(model, config.train_config(), workdir, data.train,
+                                       data.test, devices=devices, progress=progress)
+    except train.CheckpointError as e:
+      raise RunError(str(e)) from None
+    after = getattr(experiment, "after_training", None)
+    if after is not None:
+      final = after(model, config, data, workdir, final)
+    return final
+  finally:
+    lock.release()

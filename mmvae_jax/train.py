@@ -20,7 +20,9 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -209,18 +211,53 @@ class MetricWriter:
 # Checkpoints.
 
 
+class CheckpointError(ValueError):
+  """A checkpoint that is missing or does not fit the model (one-line message)."""
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 class Checkpointer:
   """Orbax checkpoints of the train state plus the data position, one per saved step."""
 
   def __init__(self, workdir: str, keep: int = 3):
     import orbax.checkpoint as ocp
     self._ocp = ocp
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self._mngr = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Saved steps, oldest first (only committed checkpoints: a save cut short is not one)."""
+    return sorted(self._mngr.all_steps())
+
+  def restore_newest_readable(self, template: TrainState, extra_template: dict
+                              ) -> tuple[TrainState, dict, int] | None:
+    """The newest checkpoint that can be read, trying older ones after one warning line per
+    unreadable one; None when there is no checkpoint.
+
+    Raises:
+      CheckpointError: there are checkpoints but none can be read into `template`.
+    """
+    steps = self.all_steps()
+    for step in reversed(steps):
+      try:
+        state, extra = self.restore(template, extra_template, step=step)
+        return state, extra, step
+      except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
+        log.warning("checkpoint step %d in %s is unreadable (%s); trying the previous one",
+                    step, self.directory, _first_line(e))
+    if steps:
+      raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {steps}): "
+                            f"remove that folder to start the run afresh")
+    return None
 
   def save(self, state: TrainState, extra: dict) -> None:
     if int(jax.device_get(state.bad_step)) >= 0 or not bool(jax.device_get(_all_finite(state.params))):
@@ -245,10 +282,6 @@ class Checkpointer:
 
 # ---------------------------------------------------------------------------------------------
 # The loop.
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that is missing or does not fit the model (one-line message)."""
 
 
 def restore_params(model: MultimodalVAE, config: dict | TrainConfig, workdir: str, step: int = -1
@@ -280,11 +313,16 @@ def restore_params(model: MultimodalVAE, config: dict | TrainConfig, workdir: st
   template = init_state(model, make_optimizer(config), jax.random.key(0))
   ckpt = Checkpointer(workdir)
   try:
-    state, extra = ckpt.restore(template, {"epoch": 0, "step_in_epoch": 0}, step=chosen)
-  except (ValueError, TypeError, KeyError) as e:
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if step < 0:
+      found = ckpt.restore_newest_readable(template, {"epoch": 0, "step_in_epoch": 0})
+      state, extra, chosen = found
+    else:
+      state, extra = ckpt.restore(template, {"epoch": 0, "step_in_epoch": 0}, step=chosen)
+  except CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(
-        f"cannot restore step {chosen} of {ckpt_dir} into this model ({msg})") from None
+        f"cannot restore step {chosen} of {ckpt_dir} into this model ({_first_line(e)})") from None
   finally:
     ckpt.close()
   return state.params, int(chosen), extra
@@ -333,12 +371,63 @@ def save_figures(model: MultimodalVAE, params, test_set, workdir: str, tag: str,
   return paths
 
 
+class Interrupted(KeyboardInterrupt):
+  """Training stopped by SIGINT or SIGTERM after checkpointing the step in flight."""
+
+  def __init__(self, signum: int, step: int):
+    self.signum, self.step = signum, step
+    super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; the checkpoint of "
+                     f"step {step} is saved: run the same command to resume")
+
+  @property
+  def exit_code(self) -> int:
+    return 128 + self.signum
+
+
+class _StopSignals:
+  """Within the block, SIGINT and SIGTERM only raise a flag (the loop checkpoints and stops);
+  a second signal exits at once (the previous checkpoint stays intact: orbax commits a
+  checkpoint by renaming its finished folder). Outside the main thread it does nothing."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:
+      print(f"second {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
+      os._exit(128 + signum)
+    self.signum = signum
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rest = divmod(seconds, 3600)
+  m, sec = divmod(rest, 60)
+  return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
 def train_and_evaluate(model: MultimodalVAE, config: TrainConfig, workdir: str, train_set, test_set, *,
                        devices=None, progress: bool | None = None, figures: bool | None = None
                        ) -> dict:
   """Trains `model` on the paired `train_set`, resuming from `workdir` when it has a checkpoint.
 
-  Returns the last logged metrics (train and, if evaluated, test).
+  Progress: a bar on a terminal (`progress`, default: whether stderr is one), else one log line
+  every `log_every` steps or 30 s, whichever comes first. SIGINT / SIGTERM finish the step in
+  flight, checkpoint it and raise `Interrupted`. Returns the last logged metrics (train and,
+  if evaluated, test).
   """
   from mmvae_jax import data as data_lib
 
@@ -355,12 +444,17 @@ def train_and_evaluate(model: MultimodalVAE, config: TrainConfig, workdir: str, 
   total_steps = config.epochs * steps_per_epoch
   if config.max_steps:
     total_steps = min(total_steps, config.max_steps)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, _ = checkpointer.restore(state, {"epoch": 0, "step_in_epoch": 0})
-    log.info("resumed from %s at step %d", workdir, latest)
+  try:
+    found = checkpointer.restore_newest_readable(state, {"epoch": 0, "step_in_epoch": 0})
+  except CheckpointError:
+    checkpointer.close()
+    raise
+  last_saved = None
+  if found is not None:
+    state, _, last_saved = found
+    log.info("resumed from %s at step %d", workdir, last_saved)
   step = int(jax.device_get(state.step))
-  last_saved = latest
+  start_step = step
 
   train_step = jit_train_step(make_train_step(model, optimizer, config), mesh)
   eval_step = jax.jit(make_eval_step(model, config.k))
@@ -371,6 +465,7 @@ def train_and_evaluate(model: MultimodalVAE, config: TrainConfig, workdir: str, 
   from tqdm import tqdm
   bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
   last = {}
+  run_start = last_line = time.perf_counter()
 
   def save():
     nonlocal last_saved
@@ -388,42 +483,60 @@ def train_and_evaluate(model: MultimodalVAE, config: TrainConfig, workdir: str, 
     log.info("step %d epoch %d test objective %.3f", step, epoch, out["test_objective"])
     return out
 
+  def progress_line():
+    elapsed = time.perf_counter() - run_start
+    eta = elapsed / max(step - start_step, 1) * (total_steps - step)
+    log.info("step %d/%d loss %.3f %.0f ex/s ETA %s", step, total_steps, last.get("loss", np.nan),
+             last.get("examples_per_sec", 0.0), _duration(eta))
+
   window, window_start = [], time.perf_counter()
+  stop = _StopSignals()
   try:
-    while step < total_steps:
-      epoch, pos = divmod(step, steps_per_epoch)
-      it = data_lib.batches(train_set, config.batch_size, mesh, seed=config.seed, epoch=epoch,
-                            start_step=pos)
-      with it:
-        for batch in it:
-          state, metrics = train_step(state, batch, step_key(config.seed, step))
-          step += 1
-          window.append(metrics)
-          bar.update(1)
-          if step % config.log_every == 0 or step == total_steps:
-            _raise_if_bad(state, checkpointer)
-            fetched = jax.device_get(window)
-            elapsed = time.perf_counter() - window_start
-            n = sum(float(m["num_examples"]) for m in fetched)
-            last = {"loss": float(np.mean([m["loss"] for m in fetched])),
-                    "objective": float(np.mean([m["objective"] for m in fetched])),
-                    "examples_per_sec": n / max(elapsed, 1e-9)}
-            writer.write(step, last, epoch=epoch)
-            bar.set_postfix(loss=f"{last['loss']:.2f}", ex_s=f"{last['examples_per_sec']:.0f}")
-            window, window_start = [], time.perf_counter()
-          if config.checkpoint_every and step % config.checkpoint_every == 0:
-            save()
-          if config.eval_every and step % config.eval_every == 0:
+    with stop:
+      while step < total_steps:
+        epoch, pos = divmod(step, steps_per_epoch)
+        it = data_lib.batches(train_set, config.batch_size, mesh, seed=config.seed, epoch=epoch,
+                              start_step=pos)
+        with it:
+          for batch in it:
+            state, metrics = train_step(state, batch, step_key(config.seed, step))
+            step += 1
+            window.append(metrics)
+            bar.update(1)
+            due = (time.perf_counter() - last_line) >= 30.0 and not progress
+            if step % config.log_every == 0 or step == total_steps or due:
+              _raise_if_bad(state, checkpointer)
+              fetched = jax.device_get(window)
+              elapsed = time.perf_counter() - window_start
+              n = sum(float(m["num_examples"]) for m in fetched)
+              last = {"loss": float(np.mean([m["loss"] for m in fetched])),
+                      "objective": float(np.mean([m["objective"] for m in fetched])),
+                      "examples_per_sec": n / max(elapsed, 1e-9)}
+              writer.write(step, last, epoch=epoch)
+              bar.set_postfix(loss=f"{last['loss']:.2f}", ex_s=f"{last['examples_per_sec']:.0f}")
+              if not progress:
+                progress_line()
+                last_line = time.perf_counter()
+              window, window_start = [], time.perf_counter()
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+              save()
+            if config.eval_every and step % config.eval_every == 0:
+              last.update(run_eval(epoch))
+            if stop.signum is not None:
+              save()
+              raise Interrupted(stop.signum, step)
+            if step >= total_steps:
+              break
+        if step % steps_per_epoch == 0 or step >= total_steps:  # epoch end (or the run's end)
+          if not config.eval_every:
             last.update(run_eval(epoch))
-          if step >= total_steps:
-            break
-      if step % steps_per_epoch == 0 or step >= total_steps:  # epoch end (or the run's end)
-        if not config.eval_every:
-          last.update(run_eval(epoch))
-        save()
-        if figures:
-          save_figures(model, state.params, test_set, workdir, f"epoch{epoch:03d}", config.seed)
-      window_start = time.perf_counter()
+          save()
+          if figures:
+            save_figures(model, state.params, test_set, workdir, f"epoch{epoch:03d}", config.seed)
+        if stop.signum is not None:
+          save()
+          raise Interrupted(stop.signum, step)
+        window_start = time.perf_counter()
   finally:
     bar.close()
     writer.close()

@@ -298,9 +298,11 @@ def load_tfds(name: str, split: str, data_dir=None) -> Source:
 
 
 def _is_npz_spec(spec: str) -> bool:
-  """An existing file or a name ending in .npz (tfds names such as "mnist_corrupted/shot_noise"
-  may contain "/", so a slash alone does not make a path)."""
-  return spec.lower().endswith(".npz") or os.path.isfile(spec)
+  """Whether `spec` is a file path: an existing file, a name ending in .npz, or a path that
+  starts with "/", "./", "../" or "~", or has a file extension (tfds names such as
+  "mnist_corrupted/shot_noise" may contain "/", so a slash alone does not make a path)."""
+  return (spec.lower().endswith(".npz") or os.path.isfile(spec)
+          or spec.startswith(("/", "./", "../", "~")) or bool(os.path.splitext(spec)[1]))
 
 
 def load_source(spec: str, split: str, data_dir=None) -> Source:
@@ -315,7 +317,7 @@ def load_source(spec: str, split: str, data_dir=None) -> Source:
   Returns:
     A `Source` with images (N, H, W, C) uint8 or float32 in [0, 1] and labels (N,) int32.
   """
-  spec = os.fspath(spec)
+  spec = os.path.expanduser(os.fspath(spec))
   if _is_npz_spec(spec):
     return load_npz(spec, split)
   return load_tfds(spec, split, data_dir=data_dir)

@@ -62,6 +62,10 @@ class Experiment:
     return models.ModelOptions(latent_dim=config.latent_dim, learn_prior=config.learn_prior,
                                expert_scale=config.expert_scale)
 
+  def write_files(self, data: Data, workdir: str) -> None:
+    """Writes what the experiment keeps beside the checkpoints (called after every check)."""
+    del data, workdir
+
   def prepare_params(self, model, params, data: Data, config: RunConfig):
     """Parameters as evaluation needs them (e.g. with population BatchNorm statistics)."""
     del model, data, config

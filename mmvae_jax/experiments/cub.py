@@ -273,13 +273,17 @@ class CubExperiment(Experiment):
     if resume and saved is None:
       raise FileNotFoundError(f"{vocab_path} not found: the run's vocabulary is missing")
     train, test, vocab, tokens, desc = build_data(opts, self.used_modalities(config), saved)
-    if vocab_path and saved is None:
-      vocab.save(vocab_path)
     used = self.used_modalities(config)
     shapes = {"image": [2048], "sentence": [32]}
     desc = {**desc, "shapes": {n: shapes[n] for n in used}}
     return Data(train=train, test=test, description=desc,
                 extras={"vocab": vocab, "train_tokens": tokens})
+
+  def write_files(self, data: Data, workdir: str) -> None:
+    """The vocabulary, vocab.json (kept from the first launch: resumes reuse it)."""
+    path = os.path.join(workdir, "vocab.json")
+    if not os.path.isfile(path):
+      data.extras["vocab"].save(path)
 
   def build_modalities(self, config: RunConfig, data: Data) -> tuple[models.Modality, ...]:
     from mmvae_jax import networks_cub

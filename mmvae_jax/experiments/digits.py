@@ -20,6 +20,7 @@ from mmvae_jax import models
 from mmvae_jax.config import RunConfig
 from mmvae_jax.experiments.base import Data, Experiment
 
+NUM_CLASSES = 10  # digit labels 0..9 (pairing, classifiers and the probe use them)
 MNIST_SHAPE = (28, 28, 1)
 SVHN_SHAPE = (32, 32, 3)
 
@@ -87,7 +88,14 @@ class DigitsExperiment(Experiment):
     paths = [resolve_source(specs[n], config.data_dir, *roots) for n in used]
     train_src = data_lib.load_sources(paths, "train", config.data_dir)
     test_src = data_lib.load_sources(paths, "test", config.data_dir)
-    for n, tr, te in zip(used, train_src, test_src):
+    for n, path, tr, te in zip(used, paths, train_src, test_src):
+      for split, src in (("train", tr), ("test", te)):
+        if not len(src):
+          raise ValueError(f"{path}: the {split} split of the {n} modality is empty")
+        bad = (src.labels < 0) | (src.labels >= NUM_CLASSES)
+        if bad.any():
+          raise ValueError(f"{path}: {int(bad.sum())} {split} label(s) outside the digits "
+                           f"0..{NUM_CLASSES - 1} (e.g. {int(src.labels[bad][0])})")
       if tr.image_shape != te.image_shape:
         raise ValueError(f"{n}: train images {tr.image_shape} and test images "
                          f"{te.image_shape} differ in shape")
