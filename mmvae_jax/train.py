@@ -247,16 +247,19 @@ class Checkpointer:
       CheckpointError: there are checkpoints but none can be read into `template`.
     """
     steps = self.all_steps()
+    first = None
     for step in reversed(steps):
       try:
         state, extra = self.restore(template, extra_template, step=step)
         return state, extra, step
       except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
+        first = first or _first_line(e)
         log.warning("checkpoint step %d in %s is unreadable (%s); trying the previous one",
                     step, self.directory, _first_line(e))
     if steps:
-      raise CheckpointError(f"no readable checkpoint in {self.directory} (steps {steps}): "
-                            f"remove that folder to start the run afresh")
+      raise CheckpointError(f"cannot restore step {steps[-1]} of {self.directory} into this "
+                            f"model ({first}), nor any older checkpoint: evaluate it with the "
+                            f"model that wrote it, or remove that folder to start afresh")
     return None
 
   def save(self, state: TrainState, extra: dict) -> None:

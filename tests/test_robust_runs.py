@@ -40,7 +40,7 @@ def sources(tmp_path_factory):
 def _args(workdir, sources, *extra):
   return [f"--workdir={workdir}", f"--mnist={sources['mnist']}", f"--svhn={sources['svhn']}",
           "--k=2", "--batch_size=4", "--partners=1", "--latent_dim=3", "--eval_batches=1",
-          "--nofigures", *extra]
+          "--nofigures", "--huge_pages=never", *extra]
 
 
 def _run(args, timeout=180):
