@@ -22,6 +22,7 @@ from mmvae_jax import data, experiments, loss, runs
 from mmvae_jax.evaluation import classifiers as clf_lib
 from mmvae_jax.evaluation import coherence, common, figures, likelihood, probe
 from mmvae_jax.models import MMVAE, Modality, components
+import tiny_models
 from tiny_models import TWO_SHAPES, tiny_model, tiny_xs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -416,11 +417,7 @@ EVALUATE = os.path.join(REPO, "experiments", "evaluate.py")
 
 
 def _npz(path, shape, n_train, n_test, seed):
-  rng = np.random.default_rng(seed)
-  np.savez(path, x_train=rng.integers(0, 256, (n_train,) + shape, dtype=np.uint8),
-           y_train=np.arange(n_train) % NC, x_test=rng.integers(0, 256, (n_test,) + shape,
-                                                                 dtype=np.uint8),
-           y_test=np.arange(n_test) % NC)
+  tiny_models.digits_npz(path, shape, n_train, n_test, seed, num_classes=NC)
 
 
 def _evaluate(*args, timeout=600):

@@ -26,6 +26,7 @@ import pytest
 from mmvae_jax import data, experiments, loss, runs
 from mmvae_jax.evaluation import figures, likelihood, probe, report
 from mmvae_jax.models import MMVAE, MVAE, Modality, UniformMixture, components, single_vae
+import tiny_models
 from tiny_models import TWO_SHAPES, tiny_modalities, tiny_xs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,11 +254,7 @@ def test_likelihoods_with_mixture_posteriors_of_single_modalities():
 
 
 def _npz(path, shape, n_train, n_test, seed):
-  rng = np.random.default_rng(seed)
-  np.savez(path, x_train=rng.integers(0, 256, (n_train,) + shape, dtype=np.uint8),
-           y_train=np.arange(n_train) % NC, x_test=rng.integers(0, 256, (n_test,) + shape,
-                                                                 dtype=np.uint8),
-           y_test=np.arange(n_test) % NC)
+  tiny_models.digits_npz(path, shape, n_train, n_test, seed, num_classes=NC)
 
 
 def _train(tmp_path, model):

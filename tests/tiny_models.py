@@ -66,3 +66,14 @@ def tiny_dataset(n=40, seed=0, partners=2, shapes=TWO_SHAPES):
     base = rng.uniform(0, 0.3, size=(n,) + s) + labels.reshape(-1, 1, 1, 1) / 3.0
     srcs.append(data.source_from_arrays(np.clip(base, 0, 1).astype(np.float32), labels, f"m{i}"))
   return data.PairedDataset(srcs, partners=partners, seed=seed)
+
+
+def digits_npz(path, shape, n_train, n_test, seed, num_classes=10):
+  """An .npz source (x_train, y_train, x_test, y_test) of random uint8 images of `shape` whose
+  labels cycle through 0..num_classes-1; returns its path as a string."""
+  rng = np.random.default_rng(seed)
+  np.savez(path, x_train=rng.integers(0, 256, (n_train,) + tuple(shape), dtype=np.uint8),
+           y_train=np.arange(n_train) % num_classes,
+           x_test=rng.integers(0, 256, (n_test,) + tuple(shape), dtype=np.uint8),
+           y_test=np.arange(n_test) % num_classes)
+  return str(path)
