@@ -28,6 +28,10 @@ Quick check on a CPU:
 
     python experiments/evaluate.py --workdir=W --num_test=2000 --probe_num_train=20000 \
         --classifier_epochs=2 --llik_k=100 --llik_num=100 --joint_num=2000
+
+Started on every host of a run of several processes (the training command's way, see README
+"Several hosts"), process 0 evaluates on its own devices and writes; the others wait for it
+and end with it, so the results are those of a single process, counted once.
 """
 from __future__ import annotations
 
@@ -77,6 +81,7 @@ flags.DEFINE_enum("decoder_impl", None, ["auto", "matmul", "conv"],
 flags.DEFINE_list("compare", [], "Other evaluated workdirs (each with results.json): print "
                   "Tables 1-3 with one row per model beside the paper's rows and store them in "
                   "results.json['comparison'].")
+cli.define_distributed_flags()
 
 SETTINGS = ("seed", "batch_size", "num_test", "probe_epochs", "probe_num_train",
             "classifier_recipe", "classifier_epochs", "classifier_cache", "retrain_classifiers",
@@ -84,7 +89,7 @@ SETTINGS = ("seed", "batch_size", "num_test", "probe_epochs", "probe_num_train",
 
 
 def fail(message: str, code: int = 2):
-  cli.fail(PROG, message, code)
+  cli.fail(PROG, message, code, together=False)  # other processes wait in wait_for_primary
 
 
 def say(message: str = "") -> None:
@@ -101,7 +106,6 @@ def main(argv):
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.workdir:
     fail("--workdir is required")
-  import mmvae_jax
   from mmvae_jax.evaluation import report
   workdir = FLAGS.workdir
   try:
@@ -119,6 +123,24 @@ def main(argv):
       others.append(wd)
   if not settings.parts and not others:
     fail("--parts=none evaluates nothing: give --compare=W1,... to combine evaluated workdirs")
+  if cli.initialize_from_flags(PROG):
+    from mmvae_jax import multihost
+    if not multihost.is_primary():
+      try:
+        multihost.wait_for_primary("evaluate")
+      except multihost.PeerStopped as e:
+        fail(str(e), e.code)
+      return
+    cli.guarded(PROG, lambda: evaluate(workdir, settings, sources, others))
+    multihost.primary_done("evaluate")
+    return
+  evaluate(workdir, settings, sources, others)
+
+
+def evaluate(workdir: str, settings, sources: dict, others: list[str]) -> None:
+  """Evaluates `workdir` (process 0 of several, or the only process) and writes results.json."""
+  import mmvae_jax
+  from mmvae_jax.evaluation import report
   try:
     for wd in others:  # fail before a long evaluation when a compared workdir was not evaluated
       report.load_results(wd)

@@ -6,6 +6,9 @@ once here, with each experiment's defaults; one-line errors.
 
 Every script fails the same way on bad input: ``<script>: error: <cause>`` on stderr and exit
 code 2 (1 for a failure while running), never a traceback.
+
+Several hosts run the same command once per process (``--coordinator_address``,
+``--num_processes``, ``--process_id``, or JAX's cluster detection: see `mmvae_jax.multihost`).
 """
 from __future__ import annotations
 
@@ -60,8 +63,16 @@ ALIASES = {"mvae_scale": "expert_scale"}
 NOT_FLAGS = ("experiment", "sources", "options")
 
 
-def fail(prog: str, message: str, code: int = 2) -> NoReturn:
-  """Print ``prog: error: message`` to stderr and exit with `code`."""
+def fail(prog: str, message: str, code: int = 2, *, together: bool = True) -> NoReturn:
+  """Print ``prog: error: message`` to stderr and exit with `code`.
+
+  In a run of several processes the others learn why this one ended; `together` (an outcome
+  that every process reaches: an agreed error, a coordinated stop) first waits a bounded time
+  for them, so that each process ends with its own line and none waits in vain.
+  """
+  multihost = sys.modules.get("mmvae_jax.multihost")  # never imports JAX for a flag error
+  if multihost is not None and multihost.active():
+    multihost.exit_process(code, f"{prog}: error: {message}", wait_for_others=together)
   print(f"{prog}: error: {message}", file=sys.stderr)
   sys.exit(code)
 
@@ -123,6 +134,49 @@ def define_run_flags(experiment_name: str, flag_values: flags.FlagValues = FLAGS
                        "launches.jsonl); without it such a launch is refused.",
                        flag_values=flag_values)
   define_host_memory_flags(flag_values)
+  define_distributed_flags(flag_values)
+
+
+def define_distributed_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """``--coordinator_address``, ``--num_processes``, ``--process_id``: one process of several."""
+  flags.DEFINE_string(
+      "coordinator_address", None,
+      "host:port of process 0 when this is one of several processes (default: "
+      "JAX_COORDINATOR_ADDRESS, or JAX's detection of a TPU slice, Slurm step or Open MPI job).",
+      flag_values=flag_values)
+  flags.DEFINE_integer(
+      "num_processes", 0, "Processes of the run, one per host or per GPU (0: JAX_NUM_PROCESSES "
+      "or the detected cluster's; 1: a single process, whatever the environment says).",
+      flag_values=flag_values)
+  flags.DEFINE_integer(
+      "process_id", -1, "This process's number in [0, --num_processes) (-1: JAX_PROCESS_ID or "
+      "the detected cluster's).", flag_values=flag_values)
+
+
+def initialize_from_flags(prog: str, hint: str = "",
+                          flag_values: flags.FlagValues = FLAGS) -> bool:
+  """Joins the processes the distributed flags (or the environment) describe; one line and
+  exit 2 when they cannot be joined. Returns whether this process is one of several."""
+  from mmvae_jax import multihost
+  multihost.set_program(prog, hint)
+  if not flag_values["verbosity"].present:  # JAX's lines on joining
+    logging.getLogger("jax._src.distributed").setLevel(logging.WARNING)
+  try:
+    several = multihost.initialize(flag_values.coordinator_address or None,
+                                   flag_values.num_processes or None,
+                                   None if flag_values.process_id < 0 else flag_values.process_id,
+                                   prog=prog)
+  except multihost.DistributedError as e:
+    fail(prog, str(e))
+  if several:
+    if not show_tracebacks(flag_values):
+      import faulthandler
+      faulthandler.disable()  # JAX's own message suffices when it ends a process (process 0 lost)
+    import orbax.checkpoint  # noqa: F401  (defines the flag below)
+    barrier = "experimental_orbax_use_distributed_barrier"
+    if barrier in flag_values and not flag_values[barrier].present:
+      flag_values[barrier].value = True  # orbax's barriers through the coordination service
+  return several
 
 
 def config_from_flags(experiment_name: str, flag_values: flags.FlagValues = FLAGS):
@@ -162,20 +216,23 @@ def guarded(prog: str, fn: Callable[[], None]) -> None:
   except SystemExit:
     raise
   except KeyboardInterrupt as e:
-    code = getattr(e, "exit_code", 130)
-    fail(prog, str(e) or "interrupted", code)
+    code = getattr(e, "exit_code", None)  # a coordinated stop (mmvae_jax.train.Interrupted)
+    fail(prog, str(e) or "interrupted", code or 130, together=code is not None)
   except MemoryError:
-    fail(prog, "out of host memory: lower --batch_size or --k", 2)
+    fail(prog, "out of host memory: lower --batch_size or --k", 2, together=False)
   except OSError as e:
     if show_tracebacks():
       raise
-    fail(prog, f"{e.strerror or type(e).__name__}: {e.filename or e}", 2)
+    fail(prog, f"{e.strerror or type(e).__name__}: {e.filename or e}", 2, together=False)
   except Exception as e:  # pylint: disable=broad-except
+    multihost = sys.modules.get("mmvae_jax.multihost")
+    if multihost is not None and isinstance(e, multihost.PeerStopped):
+      fail(prog, str(e), e.code, together=False)
     if show_tracebacks():
       raise
     text = str(e).strip().splitlines()
     fail(prog, f"unexpected {type(e).__name__}: {text[0] if text else ''} (set "
-               f"{TRACEBACK_ENV}=1 or --verbosity=1 for the traceback)", 1)
+               f"{TRACEBACK_ENV}=1 or --verbosity=1 for the traceback)", 1, together=False)
 
 
 def train_main(experiment_name: str, prog: str) -> Callable[[list[str]], None]:
@@ -193,11 +250,17 @@ def train_main(experiment_name: str, prog: str) -> Callable[[list[str]], None]:
     num_modalities = len(experiments.get(experiment_name).used_modalities(config))
     apply_host_memory_flags(num_modalities * config.k * config.batch_size)
     quiet_libraries()
+    several = initialize_from_flags(
+        prog, "run the same command on every host to resume from the last checkpoint")
     log = logging.getLogger("mmvae_jax")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    if several:
+      import jax
+      if jax.process_index() != 0:
+        log.setLevel(logging.ERROR)  # process 0 reports for all
     log.propagate = False  # absl's handler (at WARNING) would drop the progress lines
 
     def run():

@@ -293,13 +293,73 @@ def train_run(config: RunConfig, workdir: str, *, devices=None, progress: bool |
   same run-defining values (`config_changes`) unless `override_config`, which appends the
   change to ``launches.jsonl`` and rewrites run.json.
 
+  One process of several (`mmvae_jax.multihost`; joined here when the environment describes
+  such a run and no JAX computation has started yet): every process checks its data, process
+  0 alone locks the workdir and writes, every process trains its share; a check that fails on
+  any process fails on all of them with the same message.
+
   Raises:
     RunError: bad data, configuration or workdir (one-line message).
     mmvae_jax.train.NonFiniteLossError: training met a non-finite loss.
     mmvae_jax.train.Interrupted: SIGINT / SIGTERM (the step in flight is checkpointed).
   """
   import jax
-  from mmvae_jax import experiments, train
+  from mmvae_jax import multihost, parallel, train
+  try:
+    parallel.initialize_distributed()
+  except multihost.DistributedError as e:
+    raise RunError(str(e)) from None
+  several = multihost.is_multiprocess()
+
+  def agreed(error: str | None) -> None:
+    error = multihost.agree(error) if several else error
+    if error:
+      raise RunError(error)
+
+  try:
+    experiment, data, model = _prepare(config, workdir, devices)
+  except RunError as e:
+    if not several:
+      raise
+    agreed(str(e))
+  agreed(None)
+  lock = None
+  try:
+    if multihost.is_primary():
+      try:
+        lock = _claim(config, workdir, override_config, experiment, data, model)
+      except RunError as e:
+        if not several:
+          raise
+        agreed(str(e))
+    agreed(None)
+    if several:  # every host must see the workdir process 0 writes (checkpoints included)
+      agreed(None if os.path.isfile(os.path.join(workdir, RUN_FILE)) else
+             f"--workdir={workdir} is not shared by every host (process {jax.process_index()} "
+             f"does not see the run.json process 0 wrote): give a folder on a filesystem all "
+             f"hosts mount (NFS, Filestore, a gcsfuse bucket)")
+    hosts = f" of {jax.process_count()} processes" if several else ""
+    log.info("%s %s on %s: %d train / %d test pairs; %d device(s)%s", config.model,
+             list(model.names), config.experiment, len(data.train), len(data.test),
+             jax.device_count(), hosts)
+    try:
+      final = train.train_and_evaluate(model, config.train_config(), workdir, data.train,
+                                       data.test, devices=devices, progress=progress)
+    except train.CheckpointError as e:
+      raise RunError(str(e)) from None
+    after = getattr(experiment, "after_training", None)
+    if after is not None:
+      final = after(model, config, data, workdir, final)
+    return final
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _prepare(config: RunConfig, workdir: str, devices):
+  """(experiment, data, model) of `config`, every check before anything is written."""
+  import jax
+  from mmvae_jax import experiments
   try:
     experiment = experiments.get(config.experiment)
     config.validate()
@@ -314,6 +374,13 @@ def train_run(config: RunConfig, workdir: str, *, devices=None, progress: bool |
     model.resolve_objective(config.objective)
   except (FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
     raise RunError(_first_line(e)) from None
+  return experiment, data, model
+
+
+def _claim(config: RunConfig, workdir: str, override_config: bool, experiment, data, model
+           ) -> WorkdirLock:
+  """Locks the workdir, checks its identity and writes run.json, the experiment's files and
+  the launch record (the writer's part of `train_run`). Returns the held lock."""
   created = not os.path.exists(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -335,17 +402,7 @@ def train_run(config: RunConfig, workdir: str, *, devices=None, progress: bool |
       write_json(info_path, run_info(config, model, data))
     experiment.write_files(data, workdir)
     _append_launch(workdir, config, changes)
-    log.info("%s %s on %s: %d train / %d test pairs; %d device(s)", config.model,
-             list(model.names), config.experiment, len(data.train), len(data.test),
-             jax.device_count())
-    try:
-      final = train.train_and_evaluate(model, config.train_config(), workdir, data.train,
-                                       data.test, devices=devices, progress=progress)
-    except train.CheckpointError as e:
-      raise RunError(str(e)) from None
-    after = getattr(experiment, "after_training", None)
-    if after is not None:
-      final = after(model, config, data, workdir, final)
-    return final
-  finally:
+  except BaseException:
     lock.release()
+    raise
+  return lock

@@ -12,6 +12,10 @@
 * Checkpoints (orbax) hold params, optimiser state, step, epoch, position in the epoch and the
   RNG key; the data order is a function of (seed, epoch) and the step key of (seed, step), so a
   resumed run continues the same run bit for bit.
+* Several processes (`mmvae_jax.multihost`): one mesh over every device of every process, each
+  process reading its share of every batch; process 0 alone writes metrics, events and
+  figures; checkpoints are orbax's multi-host save (every process restores); a signal to any
+  process stops all of them at the same step, after one checkpoint.
 """
 from __future__ import annotations
 
@@ -68,7 +72,7 @@ class TrainConfig:
       raise ValueError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
     if self.batch_size < 1 or self.batch_size % num_devices:
       raise ValueError(f"--batch_size={self.batch_size} must be a positive multiple of the "
-                       f"{num_devices} local device(s)")
+                       f"{num_devices} {_devices_text()}")
     eval_bs = self.eval_batch_size or self.batch_size
     if eval_bs % num_devices:
       raise ValueError(f"--eval_batch_size={eval_bs} must be a multiple of the {num_devices} devices")
@@ -82,6 +86,13 @@ class TrainConfig:
         raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
     if not self.lr > 0:
       raise ValueError(f"--lr must be > 0, got {self.lr}")
+
+
+def _devices_text() -> str:
+  from mmvae_jax import multihost
+  if multihost.active():
+    return f"devices of the {multihost.process_count()} processes"
+  return "local device(s)"
 
 
 @chex.dataclass
@@ -104,17 +115,29 @@ def init_state(model: MultimodalVAE, optimizer: optax.GradientTransformation, ke
                     step=jnp.zeros([], jnp.int32), bad_step=-jnp.ones([], jnp.int32))
 
 
+def abstract_state(model: MultimodalVAE, optimizer: optax.GradientTransformation, sharding
+                   ) -> TrainState:
+  """The shapes and dtypes of `init_state` placed with `sharding` (jax.ShapeDtypeStruct leaves),
+  without computing it: the template a checkpoint is restored into."""
+  shapes = jax.eval_shape(lambda key: init_state(model, optimizer, key), jax.random.key(0))
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+_all_finite_jit = jax.jit(_all_finite)  # one program instead of two per leaf
 
 
 def make_train_step(model: MultimodalVAE, optimizer: optax.GradientTransformation, config: TrainConfig
                     ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
   """Returns the pure training step ``(state, batch, rng) -> (state, metrics)``.
 
-  batch: {"x": tuple of M arrays (B, *data_shape), "mask": (B,) 1 for real examples}.
+  batch: {"x": tuple of M arrays (B, *data_shape), "mask": (B,) 1 for real examples}, and with
+  several processes "stop": (devices,) int32, each process's pending signal number (0: none).
   metrics: loss (the official −Σ objective / #examples), objective (the bound itself, mean over
-  examples), num_examples, finite.
+  examples), num_examples, finite (and "stop": the largest of batch["stop"]).
   """
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
@@ -138,6 +161,8 @@ def make_train_step(model: MultimodalVAE, optimizer: optax.GradientTransformatio
         bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step))
     metrics = {"loss": loss / n, "objective": jnp.sum(obj * mask) / n, "num_examples": n,
                "finite": finite}
+    if "stop" in batch:  # several processes: the largest signal number any of them received
+      metrics["stop"] = jnp.max(batch["stop"])
     return new_state, metrics
 
   return train_step
@@ -207,6 +232,16 @@ class MetricWriter:
       self._tb.close()
 
 
+class _NoWriter:
+  """The metric writer of processes other than process 0."""
+
+  def write(self, step: int, metrics: dict, **context) -> None:
+    del step, metrics, context
+
+  def close(self) -> None:
+    pass
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints.
 
@@ -223,13 +258,20 @@ def _first_line(e: BaseException) -> str:
 class Checkpointer:
   """Orbax checkpoints of the train state plus the data position, one per saved step."""
 
-  def __init__(self, workdir: str, keep: int = 3):
+  def __init__(self, workdir: str, keep: int = 3, *, local: bool = False):
+    """`local`: this process alone reads (with several processes, none waits for the others);
+    otherwise every process of the run takes part in every save and restore."""
     import orbax.checkpoint as ocp
     self._ocp = ocp
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    self._mngr = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    self._shared = not local and jax.process_count() > 1
+    if local and jax.process_count() > 1:
+      me = jax.process_index()
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=keep, create=False, multiprocessing_options=ocp.options.MultiprocessingOptions(
+              primary_host=me, active_processes={me}))
+    self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -246,16 +288,22 @@ class Checkpointer:
     Raises:
       CheckpointError: there are checkpoints but none can be read into `template`.
     """
+    from mmvae_jax import multihost
     steps = self.all_steps()
     first = None
     for step in reversed(steps):
+      error = None
       try:
         state, extra = self.restore(template, extra_template, step=step)
-        return state, extra, step
       except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
-        first = first or _first_line(e)
-        log.warning("checkpoint step %d in %s is unreadable (%s); trying the previous one",
-                    step, self.directory, _first_line(e))
+        error = _first_line(e)
+      if self._shared:  # every process resumes from the same step
+        error = multihost.agree(error)
+      if error is None:
+        return state, extra, step
+      first = first or error
+      log.warning("checkpoint step %d in %s is unreadable (%s); trying the previous one",
+                  step, self.directory, error)
     if steps:
       raise CheckpointError(f"cannot restore step {steps[-1]} of {self.directory} into this "
                             f"model ({first}), nor any older checkpoint: evaluate it with the "
@@ -263,7 +311,7 @@ class Checkpointer:
     return None
 
   def save(self, state: TrainState, extra: dict) -> None:
-    if int(jax.device_get(state.bad_step)) >= 0 or not bool(jax.device_get(_all_finite(state.params))):
+    if int(jax.device_get(state.bad_step)) >= 0 or not bool(jax.device_get(_all_finite_jit(state.params))):
       raise FloatingPointError("refusing to checkpoint a non-finite state")
     tree = {"state": state, "extra": {k: np.asarray(v) for k, v in extra.items()}}
     self._mngr.save(int(jax.device_get(state.step)), args=self._ocp.args.StandardSave(tree))
@@ -273,7 +321,8 @@ class Checkpointer:
               ) -> tuple[TrainState, dict]:
     step = self._mngr.latest_step() if step is None else step
     tree = {"state": template, "extra": {k: np.asarray(v) for k, v in extra_template.items()}}
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+    abstract = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
+                            jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
                             if not isinstance(x, jax.Array) else
                             jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
     out = self._mngr.restore(step, args=self._ocp.args.StandardRestore(abstract))
@@ -313,8 +362,9 @@ def restore_params(model: MultimodalVAE, config: dict | TrainConfig, workdir: st
   chosen = steps[-1] if step < 0 else step
   if chosen not in steps:
     raise CheckpointError(f"no checkpoint step {chosen} in {ckpt_dir} (steps: {steps})")
-  template = init_state(model, make_optimizer(config), jax.random.key(0))
-  ckpt = Checkpointer(workdir)
+  template = abstract_state(model, make_optimizer(config),
+                            jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  ckpt = Checkpointer(workdir, local=True)
   try:
     if step < 0:
       found = ckpt.restore_newest_readable(template, {"epoch": 0, "step_in_epoch": 0})
@@ -363,6 +413,8 @@ def save_figures(model: MultimodalVAE, params, test_set, workdir: str, tag: str,
   """PNGs: 64 prior samples in every modality side by side; reconstructions and
   cross-generations of the first 8 test pairs (rows: data, then recon[e][d])."""
   from mmvae_jax import visualize
+  if jax.process_count() > 1:  # process 0 draws alone, on its own devices
+    params = jax.device_get(params)
   key = jax.random.key(seed)
   samples = jax.jit(model.generate, static_argnums=2)(params, key, 64)
   xs, _ = test_set.gather(np.arange(min(8, len(test_set))))
@@ -379,8 +431,9 @@ class Interrupted(KeyboardInterrupt):
 
   def __init__(self, signum: int, step: int):
     self.signum, self.step = signum, step
+    where = " on every host" if jax.process_count() > 1 else ""
     super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; the checkpoint of "
-                     f"step {step} is saved: run the same command to resume")
+                     f"step {step} is saved: run the same command{where} to resume")
 
   @property
   def exit_code(self) -> int:
@@ -399,6 +452,10 @@ class _StopSignals:
   def _handle(self, signum, frame):
     del frame
     if self.signum is not None:
+      from mmvae_jax import multihost
+      if multihost.active():
+        multihost.exit_process(128 + signum, f"second {signal.Signals(signum).name}: exiting now",
+                               wait_for_others=False)
       print(f"second {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
       os._exit(128 + signum)
     self.signum = signum
@@ -413,6 +470,37 @@ class _StopSignals:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     return False
+
+
+class _StopFlags:
+  """Several processes: every step carries each process's pending signal number into the step
+  (a (devices,) int32 batch entry, sharded as the batch) and returns their maximum, so that a
+  signal to any process reaches all of them at the same step. The loop reads a step's flag one
+  step later, so that it never waits for the step in flight."""
+
+  def __init__(self, mesh):
+    self._sharding = parallel.batch_sharding(mesh)
+    self._size = mesh.devices.size
+    self._local = len(self._sharding.addressable_devices)
+    self._arrays = {}
+    self._pending = None
+
+  def attach(self, batch: dict, signum: int | None) -> dict:
+    value = int(signum or 0)
+    if value not in self._arrays:
+      self._arrays[value] = jax.make_array_from_process_local_data(
+          self._sharding, np.full((self._local,), value, np.int32), (self._size,))
+    return {**batch, "stop": self._arrays[value]}
+
+  def after_step(self, metrics: dict) -> int:
+    """The signal number (0: none) of the previous step; keeps this step's for the next call."""
+    previous, self._pending = self._pending, metrics["stop"]
+    return 0 if previous is None else int(jax.device_get(previous))
+
+  def last(self) -> int:
+    """The signal number of the last step (waits for it)."""
+    previous, self._pending = self._pending, None
+    return 0 if previous is None else int(jax.device_get(previous))
 
 
 def _duration(seconds: float) -> str:
@@ -431,40 +519,56 @@ def train_and_evaluate(model: MultimodalVAE, config: TrainConfig, workdir: str, 
   every `log_every` steps or 30 s, whichever comes first. SIGINT / SIGTERM finish the step in
   flight, checkpoint it and raise `Interrupted`. Returns the last logged metrics (train and,
   if evaluated, test).
+
+  One process of several (joined here by `mmvae_jax.parallel.initialize_distributed` when the
+  environment describes such a run): every process calls this with the same arguments; each
+  reads its share of every batch, process 0 alone logs and writes, a signal to any process
+  stops all of them at the same step.
   """
   from mmvae_jax import data as data_lib
 
+  parallel.initialize_distributed()
   mesh = parallel.data_mesh(devices)
   config.validate(mesh.devices.size)
   model.resolve_objective(config.objective)  # ValueError naming the model's objectives
+  primary = jax.process_index() == 0
+  info = log.info if primary else (lambda *args: None)
   if figures is None:
     figures = config.figures
-  os.makedirs(workdir, exist_ok=True)
+  if primary:
+    os.makedirs(workdir, exist_ok=True)
   optimizer = make_optimizer(config)
-  state = parallel.replicate(init_state(model, optimizer, jax.random.key(config.seed)), mesh)
   checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+  flags = _StopFlags(mesh) if jax.process_count() > 1 else None
   steps_per_epoch = data_lib.num_batches(len(train_set), config.batch_size)
   total_steps = config.epochs * steps_per_epoch
   if config.max_steps:
     total_steps = min(total_steps, config.max_steps)
-  try:
-    found = checkpointer.restore_newest_readable(state, {"epoch": 0, "step_in_epoch": 0})
-  except CheckpointError:
-    checkpointer.close()
-    raise
+  found = None
+  if checkpointer.all_steps():  # restored into the state's shapes: no initialisation computed
+    try:
+      found = checkpointer.restore_newest_readable(
+          abstract_state(model, optimizer, parallel.replicated_sharding(mesh)),
+          {"epoch": 0, "step_in_epoch": 0})
+    except CheckpointError:
+      checkpointer.close()
+      raise
   last_saved = None
   if found is not None:
     state, _, last_saved = found
-    log.info("resumed from %s at step %d", workdir, last_saved)
+    info("resumed from %s at step %d", workdir, last_saved)
+  else:
+    state = parallel.replicate(init_state(model, optimizer, jax.random.key(config.seed)), mesh)
   step = int(jax.device_get(state.step))
   start_step = step
 
   train_step = jit_train_step(make_train_step(model, optimizer, config), mesh)
   eval_step = jax.jit(make_eval_step(model, config.k))
   eval_bs = config.eval_batch_size or config.batch_size
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir) if primary else _NoWriter()
   if progress is None:
     progress = sys.stderr.isatty()
+  progress = progress and primary
   from tqdm import tqdm
   bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
   last = {}
@@ -483,13 +587,13 @@ def train_and_evaluate(model: MultimodalVAE, config: TrainConfig, workdir: str, 
     out = evaluate(eval_step, state.params, test_set, mesh, batch_size=eval_bs, seed=config.seed,
                    max_batches=config.eval_batches)
     writer.write(step, out, epoch=epoch)
-    log.info("step %d epoch %d test objective %.3f", step, epoch, out["test_objective"])
+    info("step %d epoch %d test objective %.3f", step, epoch, out["test_objective"])
     return out
 
   def progress_line():
     elapsed = time.perf_counter() - run_start
     eta = elapsed / max(step - start_step, 1) * (total_steps - step)
-    log.info("step %d/%d loss %.3f %.0f ex/s ETA %s", step, total_steps, last.get("loss", np.nan),
+    info("step %d/%d loss %.3f %.0f ex/s ETA %s", step, total_steps, last.get("loss", np.nan),
              last.get("examples_per_sec", 0.0), _duration(eta))
 
   window, window_start = [], time.perf_counter()
@@ -502,13 +606,17 @@ def train_and_evaluate(model: MultimodalVAE, config: TrainConfig, workdir: str, 
                               start_step=pos)
         with it:
           for batch in it:
+            if flags is not None:
+              batch = flags.attach(batch, stop.signum)
             state, metrics = train_step(state, batch, step_key(config.seed, step))
             step += 1
             window.append(metrics)
             bar.update(1)
-            due = (time.perf_counter() - last_line) >= 30.0 and not progress
-            if step % config.log_every == 0 or step == total_steps or due:
-              _raise_if_bad(state, checkpointer)
+            at_log_step = step % config.log_every == 0 or step == total_steps
+            due = (time.perf_counter() - last_line) >= 30.0 and not progress and primary
+            if at_log_step or due:
+              if at_log_step or flags is None:  # processes stop at the same step, never by time
+                _raise_if_bad(state, checkpointer)
               fetched = jax.device_get(window)
               elapsed = time.perf_counter() - window_start
               n = sum(float(m["num_examples"]) for m in fetched)
@@ -525,20 +633,22 @@ def train_and_evaluate(model: MultimodalVAE, config: TrainConfig, workdir: str, 
               save()
             if config.eval_every and step % config.eval_every == 0:
               last.update(run_eval(epoch))
-            if stop.signum is not None:
+            signum = stop.signum if flags is None else flags.after_step(metrics)
+            if signum:
               save()
-              raise Interrupted(stop.signum, step)
+              raise Interrupted(signum, step)
             if step >= total_steps:
               break
         if step % steps_per_epoch == 0 or step >= total_steps:  # epoch end (or the run's end)
           if not config.eval_every:
             last.update(run_eval(epoch))
           save()
-          if figures:
+          if figures and primary:
             save_figures(model, state.params, test_set, workdir, f"epoch{epoch:03d}", config.seed)
-        if stop.signum is not None:
+        signum = stop.signum if flags is None else flags.last()
+        if signum:
           save()
-          raise Interrupted(stop.signum, step)
+          raise Interrupted(signum, step)
         window_start = time.perf_counter()
   finally:
     bar.close()

@@ -319,11 +319,13 @@ class CubExperiment(Experiment):
     synthetic = bool(data.description.get("synthetic_features"))
     metrics = {"checkpoint_step": step, **final, **metrics, "synthetic_features": synthetic}
     header = "[image modality: SYNTHETIC class-conditional features]\n" if synthetic else ""
-    with open(os.path.join(workdir, "samples.txt"), "w") as f:
-      f.write(header + text + "\n")
-    from mmvae_jax.runs import write_json
-    write_json(os.path.join(workdir, "report.json"), metrics)
-    print(header + json.dumps(metrics, indent=2) + "\n" + text)
+    import jax
+    if jax.process_index() == 0:  # with several processes, each computes this; process 0 writes
+      with open(os.path.join(workdir, "samples.txt"), "w") as f:
+        f.write(header + text + "\n")
+      from mmvae_jax.runs import write_json
+      write_json(os.path.join(workdir, "report.json"), metrics)
+      print(header + json.dumps(metrics, indent=2) + "\n" + text)
     return metrics
 
 
