@@ -67,7 +67,7 @@ class _State:
   hint: str = ""
   watchdog: "_Watchdog | None" = None
   agreements: int = 0
-  single: bool = False        # `initialize` found nothing to join
+  detected: tuple | None = None  # (detect_cluster(),) once `initialize` asked
 
 
 _state = _State()
@@ -139,9 +139,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     _state.prog = prog
   if _state.active:
     return True
-  asked = coordinator_address is not None or num_processes is not None or process_id is not None
-  if _state.single and not asked:  # the environment was read once already
-    return False
   if jax.distributed.is_initialized():  # joined by the caller itself
     return jax.process_count() > 1
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
@@ -152,7 +149,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if num_processes == 1:
     return False
   explicit = coordinator_address is not None or num_processes is not None or process_id is not None
-  detected = None if explicit else detect_cluster()
+  if not explicit and _state.detected is None:  # detected once (a TPU VM asks its metadata)
+    _state.detected = (detect_cluster(),)
+  detected = None if explicit else _state.detected[0]
   if explicit:
     missing = [name for name, value in (("--coordinator_address", coordinator_address),
                                         ("--num_processes", num_processes),
@@ -166,7 +165,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
       raise DistributedError(f"--process_id={process_id} is not in [0, {num_processes})")
   elif detected is None:
-    _state.single = True
     return False
   from jax._src import xla_bridge
   if xla_bridge.backends_are_initialized():
