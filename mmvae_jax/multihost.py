@@ -36,6 +36,8 @@ from typing import NoReturn
 
 import jax
 
+from mmvae_jax.errors import first_line as _first_line
+
 PEER_TIMEOUT_ENV = "MMVAE_JAX_PEER_TIMEOUT"
 DEFAULT_PEER_TIMEOUT = 60.0
 HEARTBEAT_SECONDS = 1.0
@@ -302,10 +304,6 @@ def _allgather_text(text: str, size: int = 2048) -> list[str]:
   return [bytes(row[4:4 + int(np.frombuffer(row[:4].tobytes(), np.int32)[0])]).decode(errors="replace")
           for row in out]
 
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------

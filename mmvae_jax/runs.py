@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 from mmvae_jax.config import SCHEMA, RunConfig
+from mmvae_jax.errors import first_line as _first_line
 
 log = logging.getLogger("mmvae_jax")
 RUN_FILE = "run.json"
@@ -30,10 +31,6 @@ RUN_FILE = "run.json"
 class RunError(ValueError):
   """A run that cannot be read, built or restored (one-line message)."""
 
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from mmvae_jax import parallel
+from mmvae_jax.errors import first_line as _first_line
 from mmvae_jax.models.base import DEFAULT_ESTIMATOR, MultimodalVAE
 from mmvae_jax.optim import torch_amsgrad
 
@@ -249,10 +250,6 @@ class _NoWriter:
 class CheckpointError(ValueError):
   """A checkpoint that is missing or does not fit the model (one-line message)."""
 
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 class Checkpointer:
