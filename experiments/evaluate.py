@@ -82,6 +82,7 @@ flags.DEFINE_list("compare", [], "Other evaluated workdirs (each with results.js
                   "Tables 1-3 with one row per model beside the paper's rows and store them in "
                   "results.json['comparison'].")
 cli.define_distributed_flags()
+cli.define_download_flags()
 
 SETTINGS = ("seed", "batch_size", "num_test", "probe_epochs", "probe_num_train",
             "classifier_recipe", "classifier_epochs", "classifier_cache", "retrain_classifiers",
@@ -150,6 +151,7 @@ def evaluate(workdir: str, settings, sources: dict, others: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's INFO lines would bury the tables
     run = report.with_overrides(mmvae_jax.load_run(workdir, FLAGS.step), sources=sources,
                                 data_dir=FLAGS.data_dir, decoder_impl=FLAGS.decoder_impl)
+    cli.prepare_data(PROG, run.experiment, run.config, run.workdir, collective=False, say=say)
     results = report.evaluate(run, settings, say=say)
   except (ValueError, FileNotFoundError) as e:  # mmvae_jax.RunError is a ValueError
     fail(first_line(e))

@@ -8,6 +8,10 @@ Importing the package imports no JAX (the experiment scripts set host-memory opt
 """
 __version__ = "0.1.0"
 
+from mmvae_jax import _no_tf_for_tfp
+
+_no_tf_for_tfp.install()  # distrax's tfp would import TensorFlow, when installed, for nothing
+
 _LAZY = {"load_run": "mmvae_jax.runs", "Run": "mmvae_jax.runs", "RunError": "mmvae_jax.runs",
          "train_run": "mmvae_jax.runs", "RunConfig": "mmvae_jax.config"}
 

@@ -135,6 +135,56 @@ def define_run_flags(experiment_name: str, flag_values: flags.FlagValues = FLAGS
                        flag_values=flag_values)
   define_host_memory_flags(flag_values)
   define_distributed_flags(flag_values)
+  define_download_flags(flag_values)
+
+
+def define_download_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """``--download`` and ``--download_mirror``: see `mmvae_jax.data.download`."""
+  flags.DEFINE_enum(
+      "download", "auto", ["auto", "never"],
+      "tfds datasets missing from --data_dir: auto = download (checksummed) and prepare them "
+      "when their hosts answer within 3 s, else fail at once (needs TensorFlow: pip install "
+      "-e \".[data]\"); never = fail at once. A prepared dataset is never fetched again.",
+      flag_values=flag_values)
+  flags.DEFINE_string(
+      "download_mirror", None,
+      "Base URL (http(s):// or file://) holding <dataset>/<file> with tfds's registered "
+      "checksums, fetched instead of the original hosts.", flag_values=flag_values)
+
+
+def prepare_data(prog: str, experiment, config, workdir: str | None = None, *,
+                 collective: bool = True, say: Callable[[str], None] | None = None,
+                 flag_values: flags.FlagValues = FLAGS) -> None:
+  """Downloads and prepares the tfds datasets `config` reads (``--download=auto``); one line
+  and exit 2 when they cannot be. Of several processes (`collective`: all call this), process
+  0 goes first, so that a --data_dir every host shares is prepared once; then each other
+  process prepares what it still lacks (a data_dir of its own)."""
+  if flag_values.download == "never":
+    return
+  names = experiment.tfds_datasets(config, workdir=workdir)
+  if not names:
+    return
+  from mmvae_jax import multihost
+  from mmvae_jax.data import download
+  from mmvae_jax.errors import first_line
+
+  def attempt() -> str | None:
+    try:
+      download.ensure_prepared(names, config.data_dir,
+                               mirror=flag_values.download_mirror or None, say=say)
+    except (download.DownloadError, FileNotFoundError, ValueError) as e:
+      return first_line(e, 1000)
+    return None
+
+  if not (collective and multihost.is_multiprocess()):
+    error = attempt()
+  else:
+    primary = multihost.is_primary()
+    error = multihost.agree(attempt() if primary else None)
+    if error is None:
+      error = multihost.agree(None if primary else attempt())
+  if error:
+    fail(prog, error, together=collective)
 
 
 def define_distributed_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -264,7 +314,8 @@ def train_main(experiment_name: str, prog: str) -> Callable[[list[str]], None]:
     log.propagate = False  # absl's handler (at WARNING) would drop the progress lines
 
     def run():
-      from mmvae_jax import runs, train
+      from mmvae_jax import experiments, runs, train
+      prepare_data(prog, experiments.get(experiment_name), config, FLAGS.workdir)
       try:
         final = runs.train_run(config, FLAGS.workdir, override_config=FLAGS.override_config)
       except runs.RunError as e:

@@ -20,15 +20,18 @@ Pairs of several sources are index arrays into these (see `mmvae_jax.data.pairin
 copies of images.
 
 The machine that trains may be offline. tfds datasets are therefore never downloaded here: a
-dataset must have been prepared (in the array_record format) on a connected machine and its
-directory copied over; otherwise `load_source` fails at once with a one-line
-`DatasetNotPreparedError` naming the remedies. TensorFlow is used only as a fallback, for data
-prepared in the tfrecord format, and only when it is importable.
+dataset must have been prepared (in the array_record format), by the scripts' `--download=auto`
+(`mmvae_jax.data.download`) or by `tfds build` on a connected machine and copied over;
+otherwise `load_source` fails at once with a one-line `DatasetNotPreparedError` naming the
+remedies. TensorFlow is used only as a fallback, for data prepared in the tfrecord format, and
+only when it is importable.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import logging
 import os
 import zipfile
 from typing import Sequence
@@ -196,30 +199,49 @@ def tensorflow_available() -> bool:
   return importlib.util.find_spec("tensorflow") is not None
 
 
-def _not_prepared(tfds, name: str, split: str, data_dir, looked_in: str,
-                  cause: str) -> DatasetNotPreparedError:
-  root = os.fspath(data_dir) if data_dir is not None else f"{_default_data_dir(tfds)}"
+def not_prepared(tfds, name: str, split: str | None, data_dir, looked_in: str, cause: str,
+                 download: str = "and will not be downloaded (offline, download=False)"
+                 ) -> DatasetNotPreparedError:
+  """The one-line error for a tfds dataset that is not there: `cause` and `download` say why,
+  the remedies follow."""
+  root = os.fspath(data_dir) if data_dir is not None else f"{default_data_dir(tfds)}"
   default = " (tfds default)" if data_dir is None else ""
+  which = f" (split {split!r})" if split else ""
   return DatasetNotPreparedError(
-      f"tfds dataset {name!r} (split {split!r}) {cause} under data_dir {root}{default} (looked in "
-      f"{looked_in}) and will not be downloaded (offline, download=False); remedies: prepare it on "
+      f"tfds dataset {name!r}{which} {cause} under data_dir {root}{default} (looked in "
+      f"{looked_in}) {download}; remedies: prepare it on "
       f"a connected machine with `tfds build {name} --data_dir={root} --file_format=array_record`, "
       f"copy that directory here and pass --data_dir, or pass a local .npz file with x_train, "
       f"y_train, x_test, y_test")
 
 
-def _default_data_dir(tfds) -> str:
+def default_data_dir(tfds) -> str:
+  """tfds's default data directory (``TFDS_DATA_DIR`` or ``~/tensorflow_datasets``)."""
   try:
     return os.fspath(tfds.core.constants.DATA_DIR)
   except Exception:  # pylint: disable=broad-except
     return "~/tensorflow_datasets"
 
 
+@contextlib.contextmanager
+def quiet_lookup():
+  """Silences tfds's warnings while it looks for a dataset ("Variant folder ... has no
+  dataset_info.json" for one not prepared): the outcome is reported in one line instead."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(max(level, logging.ERROR))
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 def _prepared(tfds, name: str, data_dir) -> tuple[str, bool]:
   """(directory the builder looks in, whether a prepared copy is there); creates nothing."""
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
-    return str(builder.data_dir), bool(builder.is_prepared())
+    with quiet_lookup():
+      builder = tfds.builder(name, data_dir=data_dir)
+      return str(builder.data_dir), bool(builder.is_prepared())
   except Exception:  # pylint: disable=broad-except
     return (str(data_dir) if data_dir is not None else "<tfds default data_dir>"), False
 
@@ -272,7 +294,8 @@ def load_tfds(name: str, split: str, data_dir=None) -> Source:
   from tensorflow_datasets.core import registered  # pylint: disable=import-outside-toplevel
 
   try:
-    ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    with quiet_lookup():
+      ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except registered.DatasetNotFoundError:
     raise ValueError(f"{name!r} is neither a registered tfds dataset nor an existing .npz file") from None
   except Exception as e:  # pylint: disable=broad-except
@@ -280,14 +303,14 @@ def load_tfds(name: str, split: str, data_dir=None) -> Source:
     # AssertionError): decide from the data directory itself.
     looked_in, prepared = _prepared(tfds, name, data_dir)
     if not prepared:
-      raise _not_prepared(tfds, name, split, data_dir, looked_in, "is not prepared") from None
+      raise not_prepared(tfds, name, split, data_dir, looked_in, "is not prepared") from None
     if not isinstance(e, NotImplementedError):
       first = str(e).strip().splitlines()[0] if str(e).strip() else ""
       raise ValueError(f"tfds dataset {name!r} is prepared in {looked_in} but split {split!r} "
                        f"cannot be read ({type(e).__name__}: {first})") from e
     # Prepared, but in the tfrecord format, which only tf.data reads.
     if not tensorflow_available():
-      raise _not_prepared(tfds, name, split, data_dir, looked_in, "is prepared only in the tfrecord "
+      raise not_prepared(tfds, name, split, data_dir, looked_in, "is prepared only in the tfrecord "
                           "format (readable only with TensorFlow, not installed)") from None
     images, labels = _load_tfds_with_tf(tfds, name, split, data_dir)
   else:
@@ -303,6 +326,11 @@ def _is_npz_spec(spec: str) -> bool:
   "mnist_corrupted/shot_noise" may contain "/", so a slash alone does not make a path)."""
   return (spec.lower().endswith(".npz") or os.path.isfile(spec)
           or spec.startswith(("/", "./", "../", "~")) or bool(os.path.splitext(spec)[1]))
+
+
+def is_tfds_name(spec: str) -> bool:
+  """Whether `load_source` reads `spec` through tfds (else it is an .npz path)."""
+  return not _is_npz_spec(os.path.expanduser(os.fspath(spec)))
 
 
 def load_source(spec: str, split: str, data_dir=None) -> Source:

@@ -62,6 +62,12 @@ class Experiment:
     return models.ModelOptions(latent_dim=config.latent_dim, learn_prior=config.learn_prior,
                                expert_scale=config.expert_scale)
 
+  def tfds_datasets(self, config: RunConfig, *, workdir: str | None = None) -> tuple[str, ...]:
+    """The tfds datasets `build_data` reads for `config` (the scripts' --download prepares
+    them first); none by default."""
+    del config, workdir
+    return ()
+
   def write_files(self, data: Data, workdir: str) -> None:
     """Writes what the experiment keeps beside the checkpoints (called after every check)."""
     del data, workdir

@@ -79,13 +79,24 @@ class DigitsExperiment(Experiment):
   def sources(self, config: RunConfig) -> dict:
     return {**dict(self.default_sources), **(config.sources or {})}
 
+  def _paths(self, config: RunConfig, workdir: str | None) -> list[str]:
+    """The source of each used modality: an .npz path resolved as `build_data` reads it, or a
+    tfds name."""
+    specs = self.sources(config)
+    roots = [os.path.dirname(os.path.abspath(workdir))] if workdir else []
+    return [resolve_source(specs[n], config.data_dir, *roots) for n in self.used_modalities(config)]
+
+  def tfds_datasets(self, config: RunConfig, *, workdir: str | None = None) -> tuple[str, ...]:
+    from mmvae_jax.data import sources as sources_lib
+    return tuple(dict.fromkeys(p for p in self._paths(config, workdir)
+                               if sources_lib.is_tfds_name(p)))
+
   def build_data(self, config: RunConfig, *, workdir: str | None = None,
                  resume: bool = False) -> Data:
     from mmvae_jax import data as data_lib
     used = self.used_modalities(config)
     specs = self.sources(config)
-    roots = [os.path.dirname(os.path.abspath(workdir))] if workdir else []
-    paths = [resolve_source(specs[n], config.data_dir, *roots) for n in used]
+    paths = self._paths(config, workdir)
     train_src = data_lib.load_sources(paths, "train", config.data_dir)
     test_src = data_lib.load_sources(paths, "test", config.data_dir)
     for n, path, tr, te in zip(used, paths, train_src, test_src):
