@@ -315,9 +315,11 @@ def train_main(experiment_name: str, prog: str) -> Callable[[list[str]], None]:
 
     def run():
       from mmvae_jax import experiments, runs, train
-      prepare_data(prog, experiments.get(experiment_name), config, FLAGS.workdir)
       try:
-        final = runs.train_run(config, FLAGS.workdir, override_config=FLAGS.override_config)
+        final = runs.train_run(
+            config, FLAGS.workdir, override_config=FLAGS.override_config,
+            before_data=lambda: prepare_data(prog, experiments.get(experiment_name), config,
+                                             FLAGS.workdir))
       except runs.RunError as e:
         fail(prog, str(e))
       except train.NonFiniteLossError as e:

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 from mmvae_jax.config import SCHEMA, RunConfig
 from mmvae_jax.errors import first_line as _first_line
@@ -280,12 +280,15 @@ def _append_launch(workdir: str, config: RunConfig, changes: dict) -> None:
 
 
 def train_run(config: RunConfig, workdir: str, *, devices=None, progress: bool | None = None,
-              override_config: bool = False) -> dict:
+              override_config: bool = False, before_data: Callable[[], None] | None = None
+              ) -> dict:
   """Builds the data and model of `config`, checks them, writes run.json and trains (resuming
   from the workdir's latest readable checkpoint). Returns the final metrics (and the
   experiment's report).
 
-  Nothing is written before every check has passed. The workdir is locked for the whole call
+  Nothing is written before every check has passed. `before_data` (the scripts' download of
+  missing tfds datasets) runs after the checks of the configuration, before the data are read;
+  of several processes, every process calls it. The workdir is locked for the whole call
   (a second launch fails at once); a workdir that already holds a run resumes it only with the
   same run-defining values (`config_changes`) unless `override_config`, which appends the
   change to ``launches.jsonl`` and rewrites run.json.
@@ -314,7 +317,7 @@ def train_run(config: RunConfig, workdir: str, *, devices=None, progress: bool |
       raise RunError(error)
 
   try:
-    experiment, data, model = _prepare(config, workdir, devices)
+    experiment, data, model = _prepare(config, workdir, devices, before_data)
   except RunError as e:
     if not several:
       raise
@@ -353,7 +356,8 @@ def train_run(config: RunConfig, workdir: str, *, devices=None, progress: bool |
       lock.release()
 
 
-def _prepare(config: RunConfig, workdir: str, devices):
+def _prepare(config: RunConfig, workdir: str, devices,
+             before_data: Callable[[], None] | None = None):
   """(experiment, data, model) of `config`, every check before anything is written."""
   import jax
   from mmvae_jax import experiments
@@ -365,6 +369,8 @@ def _prepare(config: RunConfig, workdir: str, devices):
     raise RunError(str(e)) from None
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise RunError(f"--workdir={workdir} is a file, not a folder: give a folder")
+  if before_data is not None:
+    before_data()
   try:
     data = experiment.build_data(config, workdir=workdir)
     model = experiment.build_model(config, data)
