@@ -13,6 +13,9 @@ any number of modalities) and runs `mmvae_jax.evaluation.report`:
 * CUB runs (cub.py): Table 4, the CCA coherence of image features and captions (--batch_size,
   --joint_num: default 1,000 prior samples for CUB, as the paper).
 
+tfds sources missing from the data directory are downloaded and prepared first, as by the
+training scripts (--download, --download_mirror).
+
 The tables show the paper's numbers beside ours where it has them, and say so when a modality
 was trained on a stand-in dataset. Results go to <workdir>/results.json (results of parts not
 run now are kept when the checkpoint, sources and seed match). For the differences between the

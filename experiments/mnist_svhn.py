@@ -3,6 +3,9 @@ r"""Trains a model on MNIST-SVHN (the paper's headline experiment); the MMVAE by
     python experiments/mnist_svhn.py --k=30
     python experiments/mnist_svhn.py --model=mopoe --workdir=runs/mnist_svhn_mopoe
 
+MNIST and SVHN are tfds `mnist` and `svhn_cropped` under --data_dir (default
+~/tensorflow_datasets); on a connected machine the first run downloads and prepares them
+(--download=auto, needs `pip install -e ".[data]"`; README "Data" for sizes).
 Offline, any .npz sources work, e.g. real MNIST and the SVHN-shaped USPS stand-in of
 experiments/make_usps_colour.py:
 

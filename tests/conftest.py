@@ -20,6 +20,8 @@ import pathlib
 
 import pytest
 
+import mmvae_jax  # noqa: F401,E402  (before any distrax import: keeps TensorFlow out of tfp)
+
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

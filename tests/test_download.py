@@ -246,6 +246,18 @@ def test_fetch_checks_size_and_checksum_and_keeps_no_partial_file(tmp_path):
     download.fetch(download.RemoteFile("u", _closed_port_url() + "/c", 1, good, "c"),
                    str(tmp_path / "got" / "c"))
   assert os.listdir(dest.parent) == ["a.bin"]
+  # A mirror may be a local folder (file://), which needs no network.
+  local = download._mirror_url(served.as_uri(), "ds", "a.bin")  # pylint: disable=protected-access
+  assert download.probe_target(local) is None
+  download.fetch(download.RemoteFile("u", local, 3000, good, "a.bin"), str(tmp_path / "a2.bin"))
+  assert (tmp_path / "a2.bin").read_bytes() == payload
+  # Part files of a killed fetch are removed once stale; a fresh one (a fetch elsewhere) stays.
+  stale, fresh = dest.parent / f"x.1{download.PART_SUFFIX}", dest.parent / f"x.2{download.PART_SUFFIX}"
+  stale.write_bytes(b"1")
+  fresh.write_bytes(b"2")
+  os.utime(stale, (time.time() - 3600, time.time() - 3600))
+  download._remove_stale_parts(str(dest.parent))  # pylint: disable=protected-access
+  assert sorted(os.listdir(dest.parent)) == ["a.bin", fresh.name]
 
 
 def test_probe_targets_follow_proxies(monkeypatch):

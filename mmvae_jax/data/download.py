@@ -284,6 +284,16 @@ def _remove_created(paths: Sequence[str], existed: dict[str, bool]) -> None:
         pass
 
 
+def _remove_stale_parts(folder: str, age_s: float = 600.0) -> None:
+  """Removes part files of fetches that ended without cleaning up (a killed process): those not
+  written to for `age_s` seconds (a fetch in progress elsewhere keeps writing to its own)."""
+  now = time.time()
+  for entry in os.scandir(folder):
+    if entry.name.endswith(PART_SUFFIX) and now - entry.stat().st_mtime > age_s:
+      with contextlib.suppress(OSError):
+        os.remove(entry.path)
+
+
 def _prepare_one(tfds, builder, name: str, root: str, files: Sequence[RemoteFile],
                  say: Callable[[str], None]) -> None:
   work = os.path.join(root, WORK_SUBDIR, name)
@@ -297,6 +307,7 @@ def _prepare_one(tfds, builder, name: str, root: str, files: Sequence[RemoteFile
   ok = False
   try:
     os.makedirs(work, exist_ok=True)
+    _remove_stale_parts(work)
     for f in files:
       fetch(f, os.path.join(work, f.filename))
     say(f"preparing tfds {name!r} ({FILE_FORMAT}) in {builder.data_dir}")
