@@ -118,9 +118,9 @@ def _leftovers(root):
           if n.endswith(download.PART_SUFFIX) or "incomplete" in n or ".tmp." in n]
 
 
-def _script(args, env=None, timeout=300):
+def _script(args, env=None, timeout=300, script="mnist_svhn.py"):
   start = time.monotonic()
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "mnist_svhn.py"), *args],
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", script), *args],
                         capture_output=True, text=True, timeout=timeout,
                         env={**os.environ, **(env or {})})
   return proc, time.monotonic() - start
@@ -171,13 +171,18 @@ def test_script_downloads_prepares_trains_and_never_fetches_again(mnist_mirror, 
 
 # ----------------------------------------------------------------------------- offline
 
-def test_script_offline_fails_fast_in_one_line_without_files(tmp_path):
+@pytest.mark.parametrize("script,args", [
+    ("mnist_svhn.py", []),
+    ("three_digits.py", ["--mnist=mnist", "--model=vae_mnist"]),  # any script, any tfds source
+])
+def test_script_offline_fails_fast_in_one_line_without_files(script, args, tmp_path):
   data_dir = tmp_path / "tfds"
   proc, seconds = _script([f"--data_dir={data_dir}", f"--workdir={tmp_path / 'run'}",
-                           f"--download_mirror={UNROUTABLE}", "--huge_pages=never"])
+                           f"--download_mirror={UNROUTABLE}", "--huge_pages=never", *args],
+                          script=script)
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 2, proc.stderr
-  assert len(lines) == 1 and lines[0].startswith("mnist_svhn.py: error: tfds dataset 'mnist' is "
+  assert len(lines) == 1 and lines[0].startswith(f"{script}: error: tfds dataset 'mnist' is "
                                                  "not prepared"), proc.stderr
   if importlib.util.find_spec("tensorflow") is not None:
     assert "192.0.2.1:9 unreachable" in lines[-1]
@@ -252,7 +257,7 @@ def test_fetch_checks_size_and_checksum_and_keeps_no_partial_file(tmp_path):
   download.fetch(download.RemoteFile("u", local, 3000, good, "a.bin"), str(tmp_path / "a2.bin"))
   assert (tmp_path / "a2.bin").read_bytes() == payload
   # Part files of a killed fetch are removed once stale; a fresh one (a fetch elsewhere) stays.
-  stale, fresh = dest.parent / f"x.1{download.PART_SUFFIX}", dest.parent / f"x.2{download.PART_SUFFIX}"
+  stale, fresh = (dest.parent / f"x.{i}{download.PART_SUFFIX}" for i in (1, 2))
   stale.write_bytes(b"1")
   fresh.write_bytes(b"2")
   os.utime(stale, (time.time() - 3600, time.time() - 3600))
