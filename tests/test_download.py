@@ -289,3 +289,33 @@ def test_tfp_does_not_import_tensorflow_for_distrax():
   import mmvae_jax.distributions  # noqa: F401  (imports distrax, hence tfp's JAX substrate)
   from tensorflow_probability.python.internal.backend.jax import _utils
   assert _utils.can_copy_docstring is False  # its `import tensorflow` was refused
+
+
+def test_remote_files_are_tfds_registered_ones(tmp_path, monkeypatch):
+  """What the main job downloads (the sizes the README gives) and where a mirror puts it."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  monkeypatch.delenv(download.CHECKSUMS_ENV, raising=False)
+  mnist = tfds.builder("mnist", data_dir=str(tmp_path))
+  files = download.remote_files(mnist, "mnist")
+  assert [f.filename for f in files] == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+                                         "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+  assert sum(f.size for f in files) == 11_594_722
+  assert all(f.fetch_url == f.url and f.url.startswith("https://storage.googleapis.com/")
+             for f in files)
+  svhn = download.remote_files(tfds.builder("svhn_cropped", data_dir=str(tmp_path)), "svhn_cropped")
+  assert {f.filename: f.size for f in svhn} == {"extra_32x32.mat": 1_329_278_602,
+                                                "test_32x32.mat": 64_275_384,
+                                                "train_32x32.mat": 182_040_794}
+  mirrored = download.remote_files(mnist, "mnist", mirror="http://mirror.lab/tfds/")
+  assert mirrored[0].fetch_url == "http://mirror.lab/tfds/mnist/t10k-images-idx3-ubyte.gz"
+  assert [(f.url, f.size, f.sha256) for f in mirrored] == [(f.url, f.size, f.sha256) for f in files]
+  # The documented replacement of checksums, for tfds too while preparing, and only then.
+  (tmp_path / "sums.tsv").write_text(f"{files[0].url}\t12\t{'ab' * 32}\t{files[0].filename}\n")
+  monkeypatch.setenv(download.CHECKSUMS_ENV, str(tmp_path / "sums.tsv"))
+  replaced = download.remote_files(mnist, "mnist")
+  assert (replaced[0].size, replaced[0].sha256) == (12, "ab" * 32) and replaced[1:] == files[1:]
+  registered = type(mnist).url_infos
+  with download._expected_by_tfds(mnist, replaced):  # pylint: disable=protected-access
+    assert (registered[files[0].url].size, registered[files[0].url].checksum) == (12, "ab" * 32)
+  assert int(registered[files[0].url].size) == files[0].size
+  assert os.listdir(tmp_path) == ["sums.tsv"]
