@@ -30,7 +30,13 @@ process (own thread pools, own allocator), started once; the parent then alterna
 blocks of --steps_per_round steps between them, so all see the same minutes. The first step of
 every block is discarded (thread pools waking up). The JSON gives each side's median, 25th
 percentile and minimum step time, examples/s at the median, the worker's peak RSS (and peak
-device memory on a GPU), and ``speedup`` = that official median / ours for each build.
+device memory on a GPU), the median process CPU time per step (all threads; on a busy machine
+a measure of work that waiting for the CPU does not inflate, though spinning threads do), and
+``speedup`` = that official median / ours for each build (``speedup_min``: the ratio of the
+fastest steps, the least disturbed by other jobs). On a machine shared with other jobs, a
+multi-threaded step suffers more than its share (a thread that loses its core stalls the
+others at the next barrier): ``--pin=0`` runs every side on one core with one thread, which
+is closer to a fair comparison there; the JSON records the load average.
 
 Roofline (--roofline, default on): between rounds our worker also times XLA's float32 matmul
 on the SVHN decoder's dot shapes (`matmul_shapes`: the forward, input-gradient and
@@ -61,6 +67,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 OFFICIAL_BUILDS = ("as_is", "jemalloc", "glibc_kept")
 # jemalloc that never returns memory to the kernel: freed pages stay mapped and are reused.
 JEMALLOC_NEVER_RELEASE = "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# A large square product timed beside the decoder's shapes (not counted in their rate).
+REFERENCE_MATMUL = (1024, 1024, 1024)
 # Files of the official src/ the benchmark needs.
 OFFICIAL_FILES = ("objectives.py", "utils.py", "models/mmvae.py", "models/mmvae_mnist_svhn.py",
                   "models/vae.py", "models/vae_mnist.py", "models/vae_svhn.py")
@@ -76,7 +84,7 @@ def matmul_shapes(chunk: int = 32, latent_dim: int = 20, width: int = 32) -> lis
   Layer 1 (1×1 → 4×4) is (chunk, D) · (D, 16·4w); layers 2-4 are col2im matmuls
   (chunk·H·W, C_in) · (C_in, 16·C_out) on an H×W input. Their input gradients are
   (chunk·H·W, 16·C_out) · (16·C_out, C_in) and weight gradients (C_in, chunk·H·W) ·
-  (chunk·H·W, 16·C_out). Plus a (1024, 1024, 1024) product for reference.
+  (chunk·H·W, 16·C_out).
   """
   shapes = [(chunk, latent_dim, 16 * 4 * width)]
   for (h, c_in, c_out) in ((4, 4 * width, 2 * width), (8, 2 * width, width), (16, width, 3)):
@@ -108,7 +116,7 @@ def _matmul_rate(shapes, reps: int = 5) -> dict:
       best = min(best, (time.perf_counter() - t0) / calls)
     flops = 2.0 * m * k * n
     per_shape.append({"mkn": [m, k, n], "gflops": round(flops / best / 1e9, 1)})
-    if (m, k, n) != (1024, 1024, 1024):
+    if (m, k, n) != REFERENCE_MATMUL:
       total_flops += flops
       total_s += best
   return {"decoder_gflops": total_flops / total_s / 1e9, "per_shape": per_shape}
@@ -183,7 +191,7 @@ def _jax_worker(args) -> tuple:
     return out
 
   def roofline():
-    return _matmul_rate(matmul_shapes())
+    return _matmul_rate(matmul_shapes() + [REFERENCE_MATMUL])
 
   return step, info, extra, roofline
 
@@ -284,23 +292,40 @@ def _serve(args) -> None:
     if line.strip() == "roofline":
       print(json.dumps(roofline()), flush=True)
       continue
-    times = []
+    times, cpu_times = [], []
     for _ in range(int(line)):
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), time.process_time()
       step()
       times.append(time.perf_counter() - t0)
+      cpu_times.append(time.process_time() - c0)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"times": times, "peak_rss_mb": round(peak_mb, 1), **extra()}), flush=True)
+    print(json.dumps({"times": times, "cpu_times": cpu_times, "peak_rss_mb": round(peak_mb, 1),
+                      **extra()}), flush=True)
 
 
-def _summary(times, batch_size) -> dict:
+def _summary(times, cpu_times, batch_size) -> dict:
   import numpy as np
   t = np.asarray(times)
   median = float(np.median(t))
   return {"steps": len(t), "step_s_median": round(median, 4),
           "step_s_p25": round(float(np.percentile(t, 25)), 4),
           "step_s_min": round(float(t.min()), 4),
-          "examples_per_s": round(batch_size / median, 1)}
+          "examples_per_s": round(batch_size / median, 1),
+          "cpu_s_median": round(float(np.median(cpu_times)), 4)}
+
+
+def parse_cpus(text: str) -> list:
+  """"0,2-3" → [0, 2, 3]; ValueError when malformed, empty or not CPUs this process may use."""
+  cpus = set()
+  for part in text.split(","):
+    lo, _, hi = part.strip().partition("-")
+    if not lo.isdigit() or (hi and not hi.isdigit()):
+      raise ValueError("expected CPU numbers and ranges, e.g. 0 or 0,1 or 0-3")
+    cpus.update(range(int(lo), int(hi or lo) + 1))
+  unusable = cpus - os.sched_getaffinity(0)
+  if not cpus or unusable:
+    raise ValueError(f"CPUs {sorted(unusable)} are not available to this process")
+  return sorted(cpus)
 
 
 def _cpu_model() -> str:
@@ -328,7 +353,12 @@ def main(argv=None) -> dict:
   parser.add_argument("--steps_per_round", type=int, default=6,
                       help="steps per block (the first is discarded)")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
-  parser.add_argument("--torch_threads", type=int, default=os.cpu_count())
+  parser.add_argument("--torch_threads", type=int, default=None,
+                      help="the official side's threads (default: the CPUs it may run on)")
+  parser.add_argument("--pin", default=None,
+                      help="run every worker on these CPUs only, e.g. 0 or 0,1 or 0-3 (default: "
+                      "all); on a shared machine --pin=0 gives a one-core comparison that "
+                      "suffers less from other jobs (see the module docstring)")
   parser.add_argument("--torch_device", default="auto", choices=["auto", "cpu", "cuda"],
                       help="the official side's device (auto: cuda when available)")
   parser.add_argument("--decoder_impl", default="auto", choices=["auto", "matmul", "conv"],
@@ -347,10 +377,18 @@ def main(argv=None) -> dict:
   parser.add_argument("--device_memory", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--json", action="store_true", help="print only the JSON object")
   args = parser.parse_args(argv)
+  try:
+    cpus = parse_cpus(args.pin) if args.pin else sorted(os.sched_getaffinity(0))
+  except ValueError as e:
+    parser.error(f"--pin={args.pin}: {e}")
+  if args.torch_threads is None:
+    args.torch_threads = len(cpus)
   if min(args.k, args.batch_size, args.rounds, args.torch_threads) < 1 or args.steps_per_round < 2:
     parser.error("--k, --batch_size, --rounds, --torch_threads must be >= 1 and "
                  "--steps_per_round >= 2")
   if args.worker:
+    if args.pin:
+      os.sched_setaffinity(0, cpus)  # before JAX or torch size their thread pools
     _serve(args)
     return {}
   if not args.official_src:
@@ -381,6 +419,7 @@ def main(argv=None) -> dict:
                f"--retain_host_memory={args.retain_host_memory}",
                f"--huge_pages={args.huge_pages}",
                "--roofline" if args.roofline else "--no-roofline", "--device_memory"]
+  forwarded += [f"--pin={args.pin}"] if args.pin else []
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
   sides = {"ours": ("jax", env)}
@@ -401,12 +440,14 @@ def main(argv=None) -> dict:
         _fail(f"the {side} worker exited with status {proc.wait()} (its error is above)")
       infos[side] = json.loads(line)
     times = {side: [] for side in workers}
+    cpu_times = {side: [] for side in workers}
     for _ in range(args.rounds):
       for side, proc in workers.items():
         proc.stdin.write(f"{args.steps_per_round}\n")
         proc.stdin.flush()
         reply = json.loads(proc.stdout.readline())
         times[side] += reply.pop("times")[1:]
+        cpu_times[side] += reply.pop("cpu_times")[1:]
         infos[side].update(reply)
       if args.roofline:
         workers["ours"].stdin.write("roofline\n")
@@ -416,7 +457,7 @@ def main(argv=None) -> dict:
     for proc in workers.values():
       proc.stdin.close()
       proc.wait()
-  summaries = {side: {**_summary(times[side], args.batch_size), **infos[side]}
+  summaries = {side: {**_summary(times[side], cpu_times[side], args.batch_size), **infos[side]}
                for side in workers}
   ours_median = summaries["ours"]["step_s_median"]
   result = {
@@ -425,7 +466,10 @@ def main(argv=None) -> dict:
       "steps_per_round": args.steps_per_round, **summaries,
       "speedup": {side: round(summaries[side]["step_s_median"] / ours_median, 3)
                   for side in summaries if side != "ours"},
-      "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(), "host": platform.machine()},
+      "speedup_min": {side: round(summaries[side]["step_s_min"] / summaries["ours"]["step_s_min"],
+                                  3) for side in summaries if side != "ours"},
+      "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(), "host": platform.machine(),
+                  "workers_on_cpus": cpus, "load_average_1min": round(os.getloadavg()[0], 1)},
       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
   }
   if rates:
