@@ -44,7 +44,8 @@ weight-gradient products of its layers at the decoder's chunk of 32 latents, and
 1024-cube for reference), in the same process as our step. ``roofline`` reports the
 step's FLOPs (XLA's cost analysis of the step's HLO, see `step_gflop`), its GFLOP/s at the median step time, the decoder-shape matmul rate (total FLOPs
 over total time of one pass over the shapes, median over rounds) and the fraction of it the
-step reaches.
+step reaches. (With --decoder_impl=conv, the default on GPU, the decoder runs as XLA
+convolutions, and the rate is a reference for the device rather than for these products.)
 
 Requires torch; --torch_threads defaults to the number of CPUs.
 """
@@ -246,6 +247,7 @@ def _torch_worker(args) -> tuple:
   device = args.torch_device
   if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch.backends.cudnn.benchmark = True  # as main.py sets it
   torch.manual_seed(0)
   torch.set_num_threads(args.torch_threads)
   params = argparse.Namespace(latent_dim=20, num_hidden_layers=1, learn_prior=True,
@@ -422,7 +424,9 @@ def main(argv=None) -> dict:
   forwarded += [f"--pin={args.pin}"] if args.pin else []
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-  sides = {"ours": ("jax", env)}
+  # On a GPU both sides share the device: JAX grows its memory instead of taking 75% up front.
+  sides = {"ours": ("jax", dict(env, XLA_PYTHON_CLIENT_PREALLOCATE=os.environ.get(
+      "XLA_PYTHON_CLIENT_PREALLOCATE", "false")))}
   for build in builds:
     name = "official" if build == "as_is" else f"official_{build}"
     sides[name] = (f"torch_{build}", dict(env, LD_PRELOAD=jemalloc,
