@@ -4,10 +4,9 @@ r"""Times the MNIST-SVHN training step on random data of the right shapes; print
 
 Reports compile time (first call: trace + compile + run), the median, min, max and
 interquartile range of the step time over --steps steps, examples/s at the median, and the
-process's peak resident memory. The official PyTorch code on the project's 2-core reference CPU:
-K=30: 3.39 s/step (38 ex/s, peak RSS ≈ 1.5 GB; 1.90 s with an allocator that never returns
-memory); K=10: 139 ex/s; K=1: 1,250 ex/s. Machines drift and differ: for a comparison, time
-both in the same minutes with benchmarks/compare_official.py.
+process's peak resident memory. For a comparison with the released official code, time both
+in the same minutes with benchmarks/compare_official.py (machines drift and differ; figures
+and where the time goes: docs/performance.md).
 """
 from __future__ import annotations
 
