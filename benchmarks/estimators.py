@@ -2,6 +2,7 @@ r"""Bias and signal-to-noise ratio of the gradient estimators of `mmvae_jax.loss
 
     python benchmarks/estimators.py toy --m=2 --k=1,10,30 --draws=20000
     python benchmarks/estimators.py networks --workdir=runs/mnist_svhn --k=10 --draws=16
+    python benchmarks/estimators.py bound --workdir=runs/mnist_svhn --step=-1 --batches=5
 
 Prints one JSON object (tables of docs/estimators.md).
 
@@ -175,6 +176,21 @@ def run_networks(args) -> dict:
           "dtype": "float32", "results": results}
 
 
+def run_bound(args) -> dict:
+  """The test bound of a checkpoint as training evaluates it (`train.evaluate`: the tight
+  MoE-IWAE with the run's K over the first `--batches` test batches, the run's seed)."""
+  import mmvae_jax
+  from mmvae_jax import parallel, train
+  run = mmvae_jax.load_run(args.workdir, step=args.step)
+  config = run.config.train_config()
+  batch = config.eval_batch_size or config.batch_size
+  eval_step = jax.jit(train.make_eval_step(run.model, config.k))
+  out = train.evaluate(eval_step, run.params, run.data().test, parallel.data_mesh(),
+                       batch_size=batch, seed=config.seed, max_batches=args.batches)
+  return {"part": "bound", "workdir": args.workdir, "step": run.step, "k": config.k,
+          "estimator": config.estimator, **out}
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="part", required=True)
@@ -190,10 +206,14 @@ def main(argv=None) -> int:
   net.add_argument("--batch", type=int, default=32)
   net.add_argument("--draws", type=int, default=16)
   net.add_argument("--seed", type=int, default=0)
+  bound = sub.add_parser("bound", help="test bound of a run's checkpoint, as in training")
+  bound.add_argument("--workdir", required=True)
+  bound.add_argument("--step", type=int, default=-1)
+  bound.add_argument("--batches", type=int, default=5)
   args = parser.parse_args(argv)
   if args.part == "toy" and (args.m < 1 or min(args.k) < 1 or args.draws < 2):
     parser.error("--m and every --k must be >= 1, --draws >= 2")
-  out = run_toy(args) if args.part == "toy" else run_networks(args)
+  out = {"toy": run_toy, "networks": run_networks, "bound": run_bound}[args.part](args)
   print(json.dumps(out, indent=1))
   return 0
 
