@@ -23,8 +23,10 @@ parameter is |mean| / standard deviation of one draw (median and mean over the p
 its run.json) at its official initialisation (``model.init`` with the run's seed) and at the
 run's latest checkpoint: for one fixed test batch, `--draws` gradients of the training loss
 (−mean of the stratified bound, K = --k) per estimator, float32 as in training; reported per
-group (encoders, decoders) the total variance Σ_p Var(g_p), the squared norm of the mean, and
-the median per-parameter SNR.
+group (encoders, decoders) the total variance Σ_p Var(g_p), the squared norm of the mean, the
+median per-parameter SNR and the mean relative distance ||g_E − g_dreg_moe|| / ||g_dreg_moe||
+per draw; and, to explain them, the effective sample size 1 / Σ_k w̃² of a stratum (1 to K) and
+the mean responsibility r_j(z) of a sample's own expert (1: the experts do not overlap).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmvae_jax import distributions as dists
 from mmvae_jax import loss
 
 N_OBS, D, B = 3, 2, 4
@@ -153,6 +156,18 @@ def run_networks(args) -> dict:
                      for group in ("encoders", "decoders"))
     return out
 
+  @jax.jit
+  def weights(params, key):
+    """Per draw: effective sample size 1 / Σ_k w̃² of each stratum (M, B), and the mean
+    responsibility of a sample's own expert r_j(z_{j,k}) (how much the experts overlap)."""
+    experts = model.encode(params, xs)
+    z = loss.sample_experts(key, experts, args.k)
+    lw = loss.log_weights(z, experts, model.log_likelihood_fn(params, xs), model.prior(params))
+    w = jax.nn.softmax(lw, axis=1)
+    log_q = jnp.stack([dists.latent_log_prob(q, z) for q in experts])  # (M, M, K, B)
+    own = jnp.exp(jnp.diagonal(log_q - jax.nn.logsumexp(log_q, axis=0), axis1=0, axis2=1))
+    return 1.0 / jnp.sum(w**2, axis=1), own
+
   states = {"init": model.init(jax.random.key(run.config.seed)), f"step {run.step}": run.params}
   results = {}
   for name, params in states.items():
@@ -169,6 +184,17 @@ def run_networks(args) -> dict:
         res[group][e] = {"total_variance": float(var.sum()),
                          "mean_sq_norm": float(np.sum(mean**2)),
                          "snr_median": float(np.median(snr))}
+    for gi, group in enumerate(("encoders", "decoders")):
+      ref = np.stack([d["dreg_moe"][gi] for d in draws]).astype(np.float64)
+      for e in loss.ESTIMATORS:
+        g = np.stack([d[e][gi] for d in draws]).astype(np.float64)
+        res[group][e]["rel_diff_to_dreg_moe"] = float(np.mean(
+            np.linalg.norm(g - ref, axis=1) / np.linalg.norm(ref, axis=1)))
+    ess, own = zip(*[jax.device_get(weights(params, jax.random.key(args.seed * 7919 + i)))
+                     for i in range(args.draws)])
+    res["ess_mean"] = float(np.mean(ess))
+    res["ess_median"] = float(np.median(ess))
+    res["own_responsibility_mean"] = float(np.mean(own))
     res["seconds"] = round(time.perf_counter() - start, 1)
     results[name] = res
   return {"part": "networks", "workdir": args.workdir, "checkpoint_step": run.step,

@@ -20,7 +20,8 @@ can be logged; what the gradient estimates is chosen by ``estimator``:
   is an unbiased estimator of the IWAE encoder gradient with lower variance. For M > 1 it is the
   estimator the official code intended (the w̃² weighting per stratum), and it is *biased*: the
   weights divide by the mixture density q_Φ, not by the expert that drew the sample, and w̃²
-  drops the part of the score of q_Φ that belongs to the other experts.
+  converts the score of q_Φ as if that expert were the whole proposal; it is exact only where
+  the experts do not overlap (responsibility 1 of a sample's own expert).
 ``"dreg_moe"``
   the doubly-reparameterised estimator of the stratified mixture bound (eq. (3)), unbiased for
   every M: decoders and prior as in ``legacy``; the score of q_Φ is split over the experts by
