@@ -283,3 +283,10 @@ def test_models_train_with_dreg_moe():
     gap = max(float(np.abs(a - b).max()) for a, b in
               zip(jax.tree.leaves(g_new["encoders"]), jax.tree.leaves(g_iwae["encoders"])))
     assert gap > 1e-4, name
+
+
+def test_training_config_refuses_dreg_moe_with_the_tight_bound():
+  from mmvae_jax import train
+  with pytest.raises(ValueError, match="dreg_moe.*stratified bound.*--nolooser"):
+    train.TrainConfig(estimator="dreg_moe", looser=False).validate(1)
+  train.TrainConfig(estimator="dreg_moe").validate(1)
