@@ -22,7 +22,7 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--k", type=int, default=30, help="samples per expert (1, 10, 30, ...)")
   parser.add_argument("--batch_size", type=int, default=128, help="global batch")
-  parser.add_argument("--estimator", default="dreg", choices=["dreg", "legacy", "iwae"])
+  parser.add_argument("--estimator", default="dreg", choices=["dreg", "legacy", "iwae", "dreg_moe"])
   parser.add_argument("--looser", action=argparse.BooleanOptionalAction, default=True)
   parser.add_argument("--steps", type=int, default=20, help="timed steps (>= 20)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")

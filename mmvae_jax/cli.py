@@ -29,7 +29,9 @@ HELP = {
     "k": "Importance samples per expert (K).",
     "estimator": "Gradient estimator: dreg = doubly-reparameterised (the paper's description; "
                  "the library default); legacy = what the official code computes (IWAE "
-                 "sticking-the-landing), to reproduce its numbers; iwae = plain autodiff.",
+                 "sticking-the-landing), to reproduce its numbers; iwae = plain autodiff; "
+                 "dreg_moe = doubly-reparameterised and unbiased for any number of experts "
+                 "(stratified bound only; docs/estimators.md).",
     "objective": "Training objective, a name the model accepts (mmvae: moe_iwae, moe_elbo; "
                  "mvae: subsampled_elbo, subsampled_iwae, joint_elbo, joint_iwae; mopoe: "
                  "mopoe_elbo, mopoe_iwae); auto: the model's default.",
@@ -57,7 +59,7 @@ HELP = {
     "decoder_impl": "Transposed-convolution formulation: matmul (fast on CPU), conv (XLA "
                     "convolutions, fast on GPU/TPU), auto picks by backend.",
 }
-ENUMS = {"estimator": ["dreg", "legacy", "iwae"], "expert_scale": ["logvar", "softplus", "modality"],
+ENUMS = {"estimator": ["dreg", "legacy", "iwae", "dreg_moe"], "expert_scale": ["logvar", "softplus", "modality"],
          "decoder_impl": ["auto", "matmul", "conv"]}
 ALIASES = {"mvae_scale": "expert_scale"}
 NOT_FLAGS = ("experiment", "sources", "options")

@@ -18,12 +18,28 @@ can be logged; what the gradient estimates is chosen by ``estimator``:
   doubly-reparameterised gradients (Tucker et al. 2019) as the paper describes them: decoders and
   prior as in ``legacy``; the encoder path derivative weighted by ``w̃²``. For one modality this
   is an unbiased estimator of the IWAE encoder gradient with lower variance. For M > 1 it is the
-  estimator the official code intended (the w̃² weighting per stratum); its exact unbiasedness
-  under the mixture proposal is not established.
+  estimator the official code intended (the w̃² weighting per stratum), and it is *biased*: the
+  weights divide by the mixture density q_Φ, not by the expert that drew the sample, and w̃²
+  converts the score of q_Φ as if that expert were the whole proposal; it is exact only where
+  the experts do not overlap (responsibility 1 of a sample's own expert).
+``"dreg_moe"``
+  the doubly-reparameterised estimator of the stratified mixture bound (eq. (3)), unbiased for
+  every M: decoders and prior as in ``legacy``; the score of q_Φ is split over the experts by
+  their responsibilities r_m(z) = q_m(z) / Σ_j q_j(z) and each part is turned into a path
+  derivative at a sample of the expert it belongs to, using the samples the other strata drew
+  in the same step. The cotangent reaching z[j, k] is ``A[j, k] ∂lw/∂z + Σ_m B[m, j, k]
+  ∂ log r_m/∂z``, computed from the (M, K, B) log-weights and the experts' densities (one pass
+  back through the decoders, as for ``dreg``). With M = 1 it equals ``dreg``. Only for the
+  stratified bound (``looser=True``): for the tight bound with M > 1 the same construction
+  would need a sample of each expert independent of all M·K samples, i.e. extra draws, and
+  ``moe_iwae`` refuses it.
 
-Only ``jax.lax.stop_gradient`` and one ``jax.custom_vjp`` identity (which multiplies the
-cotangent of z by ``w̃``) are used: no surrogate loss is needed, because the derivative of
-log-mean-exp with respect to the log-weights already is ``w̃``.
+The derivation, the measured bias and signal-to-noise ratio of every estimator, and which one
+to choose: docs/estimators.md.
+
+Only ``jax.lax.stop_gradient`` and ``jax.custom_vjp`` identities (which rescale the cotangent
+of z) are used: no surrogate loss is needed, because the derivative of log-mean-exp with
+respect to the log-weights already is ``w̃``.
 
 Shapes: M modalities (experts), K samples per expert, B data, D latent dimensions.
 """
@@ -38,7 +54,7 @@ import jax.numpy as jnp
 
 from mmvae_jax.distributions import Distribution, kl_divergence, latent_log_prob
 
-ESTIMATORS = ("iwae", "legacy", "dreg")
+ESTIMATORS = ("iwae", "legacy", "dreg", "dreg_moe")
 
 LogLikelihoodFn = Callable[[jax.Array], jax.Array]
 
@@ -113,6 +129,100 @@ def _dreg_log_weights(log_weights_fn: LogLikelihoodFn, z: jax.Array, weight_axes
 
 
 # ---------------------------------------------------------------------------------------------
+# The mixture DReG path (``dreg_moe``): identity on z whose backward pass gives z[j, k] the
+# cotangent A[j, k] ∂lw/∂z + Σ_m B[m, j, k] ∂ log r_m/∂z (docs/estimators.md).
+
+
+def mixture_dreg_coefficients(lw: jax.Array, log_resp: jax.Array, scale: jax.Array
+                              ) -> tuple[jax.Array, jax.Array]:
+  """The coefficients of the ``dreg_moe`` cotangent of the samples.
+
+  For the objective Σ_m c_m log (1/K) Σ_k w[m, k] (c_m = 1/M: eq. (3)) the unbiased
+  doubly-reparameterised encoder gradient sends to sample z[j, k] (drawn from expert j) the
+  cotangent ``A[j, k] ∂lw/∂z + Σ_m B[m, j, k] ∂ log r_m(z)/∂z`` with, writing w̃ for the
+  per-stratum softmax of lw and ŵ[m, j, k] = w[j, k] / (w[j, k] + Σ_{k' ≠ k} w[m, k']) for the
+  weight of z[j, k] placed in slot k of stratum m (ŵ[j, j, k] = w̃[j, k])::
+
+      A[j, k]    = c_j w̃[j, k] − Σ_m c_m r_m(z[j, k]) ŵ[m, j, k] (1 − ŵ[m, j, k])
+      B[m, j, k] = − c_m r_m(z[j, k]) ŵ[m, j, k]
+
+  Args:
+    lw: (M, K, B) log weights; lw[j, k] belongs to the k-th sample of stratum j.
+    log_resp: (M, M, K, B) log responsibilities, log_resp[m, j, k] = log r_m(z[j, k]) =
+      log q_m(z[j, k]) − log Σ_i q_i(z[j, k]).
+    scale: (M, B) c_m, the derivative of the objective with respect to stratum m's
+      log-mean-exp (per example).
+  Returns:
+    rho (M, K, B) = A / (c_j w̃), the factor on the ordinary cotangent c_j w̃ ∂lw/∂z that one
+    pass back through the decoders gives (finite: its terms are ratios of sums of weights,
+    formed in log space; capped at e^80 where c_j w̃ is far below float precision anyway),
+    and beta (M, M, K, B) = B.
+  """
+  m_count, k_count, batch = lw.shape
+  chex.assert_shape(log_resp, (m_count, m_count, k_count, batch))
+  chex.assert_shape(scale, (m_count, batch))
+  # log Σ_{k' ≠ k} w[m, k'] per slot k (−inf when K = 1): (M, K, B).
+  own = jnp.eye(k_count, dtype=bool)[None, :, :, None]
+  lse_others = jax.nn.logsumexp(jnp.where(own, -jnp.inf, lw[:, None]), axis=2)
+  lse = jax.nn.logsumexp(lw, axis=1)                          # (M, B)
+  # Stratum m with slot k holding z[j, k]: index [m, j, k, b].
+  lse_hybrid = jnp.logaddexp(lw[None], lse_others[:, None])
+  w_hat = jnp.exp(lw[None] - lse_hybrid)
+  resp = jnp.exp(log_resp)
+  c_m = scale[:, None, None, :]
+  beta = -c_m * resp * w_hat
+  # A / (c_j w̃[j, k]) = 1 − Σ_m (c_m / c_j) r_m (1 − ŵ_m) exp(LSE_j − LSE_hybrid[m, j, k]).
+  safe_cj = jnp.where(scale == 0, 1.0, scale)
+  ratio = jnp.where(scale[None] == 0, 0.0, scale[:, None] / safe_cj[None])   # (M, M, B) [m, j]
+  log_term = log_resp + jnp.log1p(-jnp.minimum(w_hat, 1.0)) + lse[None, :, None] - lse_hybrid
+  rho = 1.0 - jnp.sum(ratio[:, :, None] * jnp.exp(jnp.minimum(log_term, 80.0)), axis=0)
+  return rho, beta
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _mixture_path(fn, log_resp_fn, num_fn_consts, z, *consts):
+  return fn(z, *consts[:num_fn_consts])
+
+
+def _mixture_path_fwd(fn, log_resp_fn, num_fn_consts, z, *consts):
+  log_weights_, vjp = jax.vjp(fn, z, *consts[:num_fn_consts])
+  log_resp, vjp_resp = jax.vjp(log_resp_fn, z, *consts[num_fn_consts:])
+  return log_weights_, (vjp, vjp_resp, log_weights_, log_resp)
+
+
+def _mixture_path_bwd(fn, log_resp_fn, num_fn_consts, res, cotangent):
+  del fn, log_resp_fn, num_fn_consts
+  vjp, vjp_resp, log_weights_, log_resp = res
+  # The cotangent of lw[m, k] is c_m w̃[m, k]: the per-stratum sums give c_m.
+  rho, beta = mixture_dreg_coefficients(log_weights_, log_resp, cotangent.sum(axis=1))
+  grads = vjp(cotangent)
+  grads_resp = vjp_resp(beta.astype(log_resp.dtype))
+  z_cotangent = grads[0] * rho[..., None].astype(grads[0].dtype) + grads_resp[0]
+  # The experts' parameters are constants here (stopped by the caller).
+  zeros = tuple(jnp.zeros_like(g) for g in grads_resp[1:])
+  return (z_cotangent,) + tuple(grads[1:]) + zeros
+
+
+_mixture_path.defvjp(_mixture_path_fwd, _mixture_path_bwd)
+
+
+def _dreg_moe_log_weights(log_weights_fn: LogLikelihoodFn,
+                          posteriors: Sequence[Distribution], z: jax.Array) -> jax.Array:
+  """log_weights_fn(z) (M, K, B) with the ``dreg_moe`` cotangent reaching z (M, K, B, D).
+
+  `posteriors` are the M experts with their parameters stopped. The decoders and the prior
+  (everything `log_weights_fn` closes over) keep the ordinary IWAE gradient.
+  """
+  def log_resp_fn(z_):
+    log_q = jnp.stack([latent_log_prob(q, z_) for q in posteriors])  # (M, M, K, B)
+    return log_q - jax.nn.logsumexp(log_q, axis=0, keepdims=True)
+
+  fn, consts = jax.closure_convert(log_weights_fn, z)
+  resp_fn, resp_consts = jax.closure_convert(log_resp_fn, z)
+  return _mixture_path(fn, resp_fn, len(consts), z, *consts, *resp_consts)
+
+
+# ---------------------------------------------------------------------------------------------
 # Log importance weights and the bounds.
 
 
@@ -162,8 +272,10 @@ def moe_iwae(key: jax.Array, posteriors: Sequence[Distribution], log_likelihood:
     prior: distribution over z, broadcastable against (B, D) (e.g. batch shape (D,)).
     num_samples: K, samples per expert.
     looser: stratified bound (True) or the tight bound over all M·K samples (False).
-    estimator: ``"dreg"``, ``"legacy"`` or ``"iwae"`` (module docstring). It changes the
-      gradient only, never the value.
+    estimator: ``"dreg"``, ``"legacy"``, ``"iwae"`` or ``"dreg_moe"`` (module docstring;
+      docs/estimators.md). It changes the gradient only, never the value. ``"dreg_moe"`` (the
+      unbiased doubly-reparameterised gradient for every M) needs ``looser=True`` when M > 1;
+      ``"dreg"`` is unbiased only for M = 1.
   Returns:
     (B,) per-example bound.
   """
@@ -172,6 +284,10 @@ def moe_iwae(key: jax.Array, posteriors: Sequence[Distribution], log_likelihood:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
   if len(posteriors) < 1:
     raise ValueError("moe_iwae needs at least one posterior")
+  if estimator == "dreg_moe" and not looser and len(posteriors) > 1:
+    raise ValueError("estimator 'dreg_moe' is derived for the stratified bound (looser=True); "
+                     "unbiased for the tight bound it would need extra draws of every expert: "
+                     "use looser=True, or estimator 'iwae' (see docs/estimators.md)")
   z = sample_experts(key, posteriors, num_samples)  # (M, K, B, D)
   # Axes of the importance-weight normalisation: K per stratum, or all M·K samples.
   axes = (1,) if looser else (0, 1)
@@ -181,7 +297,12 @@ def moe_iwae(key: jax.Array, posteriors: Sequence[Distribution], log_likelihood:
     # No score-function term: every expert's parameters are constants inside log q_Φ.
     stopped = [jax.tree.map(jax.lax.stop_gradient, q) for q in posteriors]
     fn = lambda z_: log_weights(z_, stopped, log_likelihood, prior)
-    lw = fn(z) if estimator == "legacy" else _dreg_log_weights(fn, z, axes)
+    if estimator == "legacy":
+      lw = fn(z)
+    elif estimator == "dreg":
+      lw = _dreg_log_weights(fn, z, axes)
+    else:  # dreg_moe
+      lw = _dreg_moe_log_weights(fn, stopped, z)
   if looser:
     return jnp.mean(log_mean_exp(lw, axis=1), axis=0)
   return log_mean_exp(lw, axis=(0, 1))

@@ -48,7 +48,7 @@ log = logging.getLogger("mmvae_jax")
 class TrainConfig:
   """What the training loop reads; model and data choices live in `mmvae_jax.config.RunConfig`."""
   k: int = 30                     # importance samples per expert (or proposal)
-  estimator: str = DEFAULT_ESTIMATOR  # dreg | legacy | iwae (see mmvae_jax.loss)
+  estimator: str = DEFAULT_ESTIMATOR  # dreg | legacy | iwae | dreg_moe (see mmvae_jax.loss)
   objective: str = "auto"         # a name of the model's `objectives`; auto: its default
   looser: bool = True             # eq. (3), the stratified bound
   batch_size: int = 128           # global batch
@@ -71,6 +71,9 @@ class TrainConfig:
       raise ValueError(f"--k must be >= 1, got {self.k}")
     if self.estimator not in ESTIMATORS:
       raise ValueError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+    if self.estimator == "dreg_moe" and not self.looser:
+      raise ValueError("--estimator=dreg_moe is derived for the stratified bound: drop "
+                       "--nolooser, or choose --estimator=iwae (docs/estimators.md)")
     if self.batch_size < 1 or self.batch_size % num_devices:
       raise ValueError(f"--batch_size={self.batch_size} must be a positive multiple of the "
                        f"{num_devices} {_devices_text()}")

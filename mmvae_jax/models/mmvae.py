@@ -77,6 +77,8 @@ class MMVAE(MultimodalVAE):
 
     kind="moe_iwae" (default) is `mmvae_jax.loss.moe_iwae` (eq. (3) when looser);
     kind="moe_elbo" is the official multimodal ELBO (K, looser and estimator are ignored).
+    `estimator` chooses the gradient (`mmvae_jax.loss`, docs/estimators.md): for M >= 2 only
+    "iwae" and "dreg_moe" (stratified bound only) are unbiased.
     """
     kind = self.resolve_objective(kind)
     posteriors = self.encode(params, xs)

@@ -240,7 +240,8 @@ def single_vae(modality: Modality, latent_dim: int = 20, *, llik_scale: float | 
     ELBO: ``kind="moe_elbo"`` (one sample, closed-form KL; K and estimator ignored);
     IWAE: ``kind="moe_iwae", estimator="iwae"``;
     IWAE "sticking the landing" (what the official code's dreg computes): ``estimator="legacy"``;
-    DReG (Tucker et al. 2019): ``kind="moe_iwae", estimator="dreg"``.
+    DReG (Tucker et al. 2019): ``kind="moe_iwae", estimator="dreg"`` (``"dreg_moe"`` is the
+    same estimator when M = 1).
 
   Args:
     modality: the modality (encoder, decoder, likelihood).
