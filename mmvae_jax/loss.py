@@ -79,7 +79,8 @@ def masked_log_mean_exp(x: jax.Array, mask: jax.Array, axis) -> jax.Array:
 
   Absent entries count for nothing and receive a zero gradient (they must be finite, which the
   callers guarantee). Every reduced slice needs one True entry. With a mask that is True
-  everywhere the result is `log_mean_exp`'s, to the bit.
+  everywhere, op by op, the result is `log_mean_exp`'s to the bit (compiled with a runtime
+  mask, XLA may fuse it differently: equal to float32 rounding).
   """
   axes = (axis,) if isinstance(axis, int) else tuple(axis)
   largest = 1
@@ -97,7 +98,7 @@ def _expert_mask(present: jax.Array, ndim: int) -> jax.Array:
 
 def masked_mean(x: jax.Array, present: jax.Array) -> jax.Array:
   """Σ_{m: present[m, b]} x[m] / M_b over the first axis: x (M, ..., B), present (M, B) ->
-  (..., B). With every expert present it is ``jnp.mean(x, axis=0)``, to the bit."""
+  (..., B). With every expert present it is ``jnp.mean(x, axis=0)`` (op by op, to the bit)."""
   count = jnp.sum(present.astype(x.dtype), axis=0)
   return jnp.sum(jnp.where(_expert_mask(present, x.ndim), x, 0.0), axis=0) / count
 
@@ -277,6 +278,8 @@ def _masked_moe_iwae(z: jax.Array, posteriors: Sequence[Distribution],
   them out; −inf for the tight one, where they leave the softmax), so neither their values nor
   their gradients can reach the bound.
   """
+  if estimator not in ("iwae", "legacy", "dreg"):
+    raise ValueError(f"moe_iwae: estimator {estimator!r} does not take a presence mask yet")
   z = _mask_samples(z, present)
   strata = _expert_mask(present, z.ndim - 1)  # (M, 1, B)
   fill = 0.0 if looser else -jnp.inf

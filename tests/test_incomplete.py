@@ -266,6 +266,27 @@ def test_one_present_expert_is_the_unimodal_iwae(monkeypatch):
       assert np.all(np.asarray(g1[0][1]) == 0) and np.all(np.asarray(g1[1][1]) == 0)
 
 
+def test_masked_moe_elbo_with_one_present_expert_is_its_elbo():
+  """`moe_elbo` of an example with expert d alone = λ_d log p(x_d | z_d) − KL(q_d || p)."""
+  enc, dec, x, lam = toy_problem(seed=4)
+  qs = [distrax.Laplace(jnp.asarray(enc["mu"][m], jnp.float32),
+                        jnp.asarray(enc["s"][m], jnp.float32)) for m in range(M)]
+  lls = [functools.partial(lambda d, z: lam[d] * dists.normal_log_likelihood(
+      jnp.asarray(x[d], jnp.float32), z @ jnp.asarray(dec["A"][d], jnp.float32).T, 1.0,
+      event_ndim=1), d) for d in range(M)]
+  prior = distrax.Laplace(jnp.zeros(D), jnp.ones(D))
+  key = jax.random.key(8)
+  got = np.asarray(loss.moe_elbo(key, qs, lls, prior, present=jnp.asarray(PRESENT)))
+  keys = jax.random.split(key, 2 * M)
+  for b, d in ((3, 0), (4, 2)):  # the single-expert examples of PRESENT
+    assert PRESENT[:, b].sum() == 1 and PRESENT[d, b]
+    z = qs[d].sample(seed=keys[d])
+    ref = lls[d](z) - dists.kl_divergence(qs[d], prior, key=keys[M + d])
+    np.testing.assert_allclose(got[b], float(ref[b]), rtol=1e-5)
+  full = np.asarray(loss.moe_elbo(key, qs, lls, prior))
+  assert np.all(np.isfinite(got)) and not np.allclose(got[1:], full[1:])
+
+
 def test_help_documents_present():
   assert "present" in loss.moe_iwae.__doc__ and "(M, B)" in loss.moe_iwae.__doc__
 
