@@ -25,6 +25,10 @@ Only ``jax.lax.stop_gradient`` and one ``jax.custom_vjp`` identity (which multip
 cotangent of z by ``w̃``) are used: no surrogate loss is needed, because the derivative of
 log-mean-exp with respect to the log-weights already is ``w̃``.
 
+Incomplete data: `moe_iwae`, `moe_elbo` and `mixture_elbo` take ``present``, an optional (M, B)
+bool mask of the experts each example observes (docs/incomplete-data.md); None runs the
+unmasked code unchanged.
+
 Shapes: M modalities (experts), K samples per expert, B data, D latent dimensions.
 """
 from __future__ import annotations
