@@ -56,11 +56,20 @@ HELP = {
     "figures": "Save generation / reconstruction PNGs at each epoch end.",
     "expert_scale": "Scale of Gaussian experts (product-of-experts models): logvar (Wu & "
                     "Goodman), softplus + 1e-6, or modality (the modality's own constraint).",
+    "missing": "Incomplete training data: comma-separated name:fraction entries, e.g. "
+               "svhn:0.5 hides the svhn modality of half the training examples (for "
+               "label-paired sources, of half the svhn instances, in every pair that holds "
+               "one), drawn from --seed; an example is never left with nothing observed. "
+               "Test data stay complete. See docs/incomplete-data.md.",
+    "missing_mode": "With --missing: keep = train on every example that has at least one "
+                    "modality (the incomplete ones too); drop = train on the complete "
+                    "examples only.",
     "decoder_impl": "Transposed-convolution formulation: matmul (fast on CPU), conv (XLA "
                     "convolutions, fast on GPU/TPU), auto picks by backend.",
 }
-ENUMS = {"estimator": ["dreg", "legacy", "iwae", "dreg_moe"], "expert_scale": ["logvar", "softplus", "modality"],
-         "decoder_impl": ["auto", "matmul", "conv"]}
+ENUMS = {"estimator": ["dreg", "legacy", "iwae", "dreg_moe"],
+         "expert_scale": ["logvar", "softplus", "modality"],
+         "decoder_impl": ["auto", "matmul", "conv"], "missing_mode": ["keep", "drop"]}
 ALIASES = {"mvae_scale": "expert_scale"}
 NOT_FLAGS = ("experiment", "sources", "options")
 

@@ -31,6 +31,8 @@ class RunConfig:
   data_dir: str | None = None
   partners: int = 30
   options: dict = dataclasses.field(default_factory=dict)  # experiment-specific values
+  missing: str = ""               # incomplete training data: "name:fraction,..." hidden
+  missing_mode: str = "keep"      # keep the incomplete examples, or drop them
   # training (mmvae_jax.train.TrainConfig)
   k: int = 30
   estimator: str = DEFAULT_ESTIMATOR
@@ -76,3 +78,29 @@ class RunConfig:
       raise ValueError(f"--partners must be >= 1, got {self.partners}")
     if self.llik_scaling < 0:
       raise ValueError(f"--llik_scaling must be >= 0, got {self.llik_scaling}")
+    self.missing_fractions()
+
+  def missing_fractions(self) -> dict[str, float]:
+    """{modality: fraction hidden} of `missing` (ValueError, one line, when it is malformed,
+    names a modality the run's model does not read, or `missing_mode` is unknown)."""
+    from mmvae_jax.data import missing as missing_lib
+    if self.missing_mode not in missing_lib.MODES:
+      raise ValueError(f"--missing_mode must be one of {', '.join(missing_lib.MODES)}, got "
+                       f"{self.missing_mode!r}")
+    fractions = missing_lib.parse_missing(self.missing)
+    if fractions and self.estimator == "dreg_moe":
+      raise ValueError("--estimator=dreg_moe does not take incomplete data (--missing) yet: "
+                       "use --estimator=iwae (unbiased) or dreg")
+    if fractions:
+      from mmvae_jax import experiments, models
+      exp = experiments.get(self.experiment)
+      unknown = [n for n in fractions if n not in exp.modalities]
+      if unknown:
+        raise ValueError(f"--missing: unknown modality {unknown[0]!r}: choose among "
+                         f"{', '.join(exp.modalities)}")
+      used = models.used_modalities(self.model, exp.modalities)
+      unused = [n for n in fractions if n not in used]
+      if unused:
+        raise ValueError(f"--missing: model {self.model} does not read {unused[0]!r}: hide "
+                         f"{', '.join(used)} or choose another model")
+    return fractions

@@ -41,6 +41,10 @@ Only ``jax.lax.stop_gradient`` and ``jax.custom_vjp`` identities (which rescale 
 of z) are used: no surrogate loss is needed, because the derivative of log-mean-exp with
 respect to the log-weights already is ``w̃``.
 
+Incomplete data: `moe_iwae`, `moe_elbo` and `mixture_elbo` take ``present``, an optional (M, B)
+bool mask of the experts each example observes (docs/incomplete-data.md); None runs the
+unmasked code unchanged.
+
 Shapes: M modalities (experts), K samples per expert, B data, D latent dimensions.
 """
 from __future__ import annotations
@@ -68,6 +72,63 @@ def log_mean_exp(x: jax.Array, axis) -> jax.Array:
   return jax.nn.logsumexp(x, axis=axes) - jnp.log(n)
 
 
+# ---------------------------------------------------------------------------------------------
+# Incomplete data: per-example masks over experts (static shapes, one compilation for any mask).
+
+
+def check_present(present: jax.Array, num_experts: int, batch: int | None = None) -> jax.Array:
+  """`present` as a bool (M, B) array; ValueError when its shape does not fit."""
+  present = jnp.asarray(present)
+  if present.ndim != 2 or present.shape[0] != num_experts or (
+      batch is not None and present.shape[1] != batch):
+    want = f"({num_experts}, {'B' if batch is None else batch})"
+    raise ValueError(f"present must have shape {want} (experts, examples), got {present.shape}")
+  return present.astype(bool)
+
+
+def _log_count(count: jax.Array, largest: int) -> jax.Array:
+  """log(count) for integer counts 1..largest, looked up in a table whose entry n is computed
+  as `log_mean_exp` computes its ``jnp.log(n)``: a full count gives the same float."""
+  table = jnp.stack([jnp.log(n) for n in range(1, largest + 1)])
+  return table[jnp.clip(count, 1, largest) - 1]
+
+
+def masked_log_mean_exp(x: jax.Array, mask: jax.Array, axis) -> jax.Array:
+  """log (1/n) Σ_{i: mask_i} exp(x_i) over `axis` (an int or a tuple), n the number of True
+  entries of `mask` (broadcastable against `x`) in each reduced slice.
+
+  Absent entries count for nothing and receive a zero gradient (they must be finite, which the
+  callers guarantee). Every reduced slice needs one True entry. With a mask that is True
+  everywhere, op by op, the result is `log_mean_exp`'s to the bit (compiled with a runtime
+  mask, XLA may fuse it differently: equal to float32 rounding).
+  """
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  largest = 1
+  for a in axes:
+    largest *= x.shape[a]
+  count = jnp.sum(jnp.broadcast_to(mask, x.shape).astype(jnp.int32), axis=axes)
+  lse = jax.nn.logsumexp(jnp.where(mask, x, -jnp.inf), axis=axes)
+  return lse - _log_count(count, largest)
+
+
+def _expert_mask(present: jax.Array, ndim: int) -> jax.Array:
+  """present (M, B) reshaped to (M, 1, ..., 1, B) for arrays (M, ..., B) of `ndim` axes."""
+  return present.reshape(present.shape[:1] + (1,) * (ndim - 2) + present.shape[1:])
+
+
+def masked_mean(x: jax.Array, present: jax.Array) -> jax.Array:
+  """Σ_{m: present[m, b]} x[m] / M_b over the first axis: x (M, ..., B), present (M, B) ->
+  (..., B). With every expert present it is ``jnp.mean(x, axis=0)`` (op by op, to the bit)."""
+  count = jnp.sum(present.astype(x.dtype), axis=0)
+  return jnp.sum(jnp.where(_expert_mask(present, x.ndim), x, 0.0), axis=0) / count
+
+
+def _mask_samples(z: jax.Array, present: jax.Array) -> jax.Array:
+  """z (M, ..., B, D) with the samples of absent experts replaced by 0 (finite everywhere, no
+  gradient back to the absent experts)."""
+  return jnp.where(_expert_mask(present, z.ndim - 1)[..., None], z, 0.0)
+
+
 def _check_estimator(estimator: str) -> None:
   if estimator not in ESTIMATORS:
     raise ValueError(f"unknown estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
@@ -81,17 +142,24 @@ def sample_experts(key: jax.Array, posteriors: Sequence[Distribution], num_sampl
                     for q, k in zip(posteriors, keys)])
 
 
-def moe_log_prob(posteriors: Sequence[Distribution], z: jax.Array) -> jax.Array:
+def moe_log_prob(posteriors: Sequence[Distribution], z: jax.Array,
+                 present: jax.Array | None = None) -> jax.Array:
   """log q_Φ(z | x_{1:M}) = log (1/M) Σ_m q_m(z) for the uniform mixture of experts.
+
+  With `present`, example b's mixture is the uniform mixture of its present experts only,
+  log (1/M_b) Σ_{m: present[m, b]} q_m(z).
 
   Args:
     posteriors: M experts, batch shape (B, D) (or (B,) with event (D,)).
     z: (..., B, D) latents.
+    present: optional (M, B) bool, True where expert m is observed for example b.
   Returns:
     (..., B).
   """
   log_q = jnp.stack([latent_log_prob(q, z) for q in posteriors])
-  return log_mean_exp(log_q, axis=0)
+  if present is None:
+    return log_mean_exp(log_q, axis=0)
+  return masked_log_mean_exp(log_q, _expert_mask(present, log_q.ndim), axis=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +295,7 @@ def _dreg_moe_log_weights(log_weights_fn: LogLikelihoodFn,
 
 
 def log_weights(z: jax.Array, posteriors: Sequence[Distribution], log_likelihood: LogLikelihoodFn,
-                prior: Distribution) -> jax.Array:
+                prior: Distribution, present: jax.Array | None = None) -> jax.Array:
   """log w = log p(z) + Σ_d λ_d log p(x_d | z) − log q_Φ(z | x_{1:M}).
 
   λ sits inside the weights, as in the official code (see
@@ -238,17 +306,19 @@ def log_weights(z: jax.Array, posteriors: Sequence[Distribution], log_likelihood
     posteriors: the M experts used in the mixture density q_Φ.
     log_likelihood: maps (..., B, D) latents to the λ-weighted Σ_d log p(x_d | z), (..., B).
     prior: p(z), broadcastable against (B, D).
+    present: optional (M, B) bool: q_Φ of example b is the mixture of its present experts
+      (the log weights of absent strata are computed but meaningless).
   Returns:
     (M, K, B) log weights.
   """
-  lw = latent_log_prob(prior, z) + log_likelihood(z) - moe_log_prob(posteriors, z)
+  lw = latent_log_prob(prior, z) + log_likelihood(z) - moe_log_prob(posteriors, z, present)
   chex.assert_shape(lw, z.shape[:-1])
   return lw
 
 
 def moe_iwae(key: jax.Array, posteriors: Sequence[Distribution], log_likelihood: LogLikelihoodFn,
              prior: Distribution, num_samples: int, *, looser: bool = True,
-             estimator: str = "dreg") -> jax.Array:
+             estimator: str = "dreg", present: jax.Array | None = None) -> jax.Array:
   """The mixture-of-experts IWAE bound, stratified over experts (paper eq. (3)).
 
   With ``looser=True`` (the paper's eq. (3), the official ``m_*_looser``)::
@@ -261,6 +331,13 @@ def moe_iwae(key: jax.Array, posteriors: Sequence[Distribution], log_likelihood:
 
   where ``log w = log p(z) + Σ_d λ_d log p(x_d | z) − log q_Φ(z | x_{1:M})`` and ``q_Φ`` is the
   uniform mixture of the M experts. By Jensen, looser ≤ tight. With M = 1 both are the IWAE bound.
+
+  Incomplete data (``present``): example b observes only the experts m with present[m, b]
+  (M_b ≥ 1 of them). Its q_Φ is the uniform mixture of those M_b experts, the stratified bound
+  is the mean over its M_b present strata of log-mean-exp over K, the tight bound the
+  log-mean-exp over its M_b·K present samples; the estimators keep their meaning, with w̃
+  normalised over present samples only. Absent strata are still sampled (shapes stay static,
+  so one compilation serves every mask) but get zero weight and zero gradient.
 
   Args:
     key: PRNG key for the reparameterised samples.
@@ -276,6 +353,10 @@ def moe_iwae(key: jax.Array, posteriors: Sequence[Distribution], log_likelihood:
       docs/estimators.md). It changes the gradient only, never the value. ``"dreg_moe"`` (the
       unbiased doubly-reparameterised gradient for every M) needs ``looser=True`` when M > 1;
       ``"dreg"`` is unbiased only for M = 1.
+    present: optional (M, B) bool, True where expert m is observed for example b; every
+      example needs at least one. None (default): every expert present, exactly the unmasked
+      computation. The caller's `log_likelihood` must itself count only the observed
+      modalities (the models' ``objective(..., present=...)`` do so).
   Returns:
     (B,) per-example bound.
   """
@@ -289,6 +370,10 @@ def moe_iwae(key: jax.Array, posteriors: Sequence[Distribution], log_likelihood:
                      "unbiased for the tight bound it would need extra draws of every expert: "
                      "use looser=True, or estimator 'iwae' (see docs/estimators.md)")
   z = sample_experts(key, posteriors, num_samples)  # (M, K, B, D)
+  if present is not None:
+    return _masked_moe_iwae(z, posteriors, log_likelihood, prior,
+                            check_present(present, len(posteriors), z.shape[2]),
+                            looser=looser, estimator=estimator)
   # Axes of the importance-weight normalisation: K per stratum, or all M·K samples.
   axes = (1,) if looser else (0, 1)
   if estimator == "iwae":
@@ -306,6 +391,38 @@ def moe_iwae(key: jax.Array, posteriors: Sequence[Distribution], log_likelihood:
   if looser:
     return jnp.mean(log_mean_exp(lw, axis=1), axis=0)
   return log_mean_exp(lw, axis=(0, 1))
+
+
+def _masked_moe_iwae(z: jax.Array, posteriors: Sequence[Distribution],
+                     log_likelihood: LogLikelihoodFn, prior: Distribution, present: jax.Array,
+                     *, looser: bool, estimator: str) -> jax.Array:
+  """`moe_iwae` on the samples z (M, K, B, D) with the (M, B) bool mask `present`.
+
+  Absent strata are evaluated at z = 0 (finite whatever their expert), their log weights are
+  replaced by a constant before any exp or log (0 for the stratified bound, whose mean leaves
+  them out; −inf for the tight one, where they leave the softmax), so neither their values nor
+  their gradients can reach the bound.
+  """
+  if estimator not in ("iwae", "legacy", "dreg"):
+    raise ValueError(f"moe_iwae: estimator {estimator!r} does not take a presence mask yet")
+  z = _mask_samples(z, present)
+  strata = _expert_mask(present, z.ndim - 1)  # (M, 1, B)
+  fill = 0.0 if looser else -jnp.inf
+
+  def masked_log_weights(z_, qs):
+    lw = log_weights(z_, qs, log_likelihood, prior, present)
+    return jnp.where(strata, lw, fill)
+
+  axes = (1,) if looser else (0, 1)
+  if estimator == "iwae":
+    lw = masked_log_weights(z, posteriors)
+  else:
+    stopped = [jax.tree.map(jax.lax.stop_gradient, q) for q in posteriors]
+    fn = lambda z_: masked_log_weights(z_, stopped)
+    lw = fn(z) if estimator == "legacy" else _dreg_log_weights(fn, z, axes)
+  if looser:
+    return masked_mean(log_mean_exp(lw, axis=1), present)
+  return masked_log_mean_exp(lw, strata, axis=(0, 1))
 
 
 def iwae(key: jax.Array, posterior: Distribution, log_likelihood: LogLikelihoodFn,
@@ -330,7 +447,8 @@ def elbo(key: jax.Array, posterior: Distribution, log_likelihood: LogLikelihoodF
 
 
 def moe_elbo(key: jax.Array, posteriors: Sequence[Distribution],
-             log_likelihoods: Sequence[LogLikelihoodFn], prior: Distribution) -> jax.Array:
+             log_likelihoods: Sequence[LogLikelihoodFn], prior: Distribution,
+             present: jax.Array | None = None) -> jax.Array:
   """The official multimodal ELBO (``m_elbo``), shape (B,).
 
   See docs/official-code.md#the-elbo-objective.
@@ -350,11 +468,17 @@ def moe_elbo(key: jax.Array, posteriors: Sequence[Distribution],
     log_likelihoods: M functions, `log_likelihoods[d](z)` = λ_d log p(x_d | z) for z (..., B, D),
       returning (..., B).
     prior: p(z).
+    present: optional (M, B) bool (incomplete data): example b uses only its M_b present
+      experts and decoders, L = (1/M_b) [Σ_{r, d present} w[r, d] λ_d log p(x_d | z_d) −
+      Σ_{r present} KL(q_r || p)]. None: every expert present (the unmasked computation).
   """
   m_count = len(posteriors)
   if len(log_likelihoods) != m_count:
     raise ValueError(f"moe_elbo: {len(log_likelihoods)} likelihoods for {m_count} posteriors")
   keys = jax.random.split(key, 2 * m_count)
+  if present is not None:
+    return _masked_moe_elbo(keys, posteriors, log_likelihoods, prior,
+                            check_present(present, m_count))
   total = 0.0
   for d in range(m_count):
     z_d = posteriors[d].sample(seed=keys[d])  # (B, D), live
@@ -369,8 +493,31 @@ def moe_elbo(key: jax.Array, posteriors: Sequence[Distribution],
   return (total - kl) / m_count
 
 
+def _masked_moe_elbo(keys: jax.Array, posteriors: Sequence[Distribution],
+                     log_likelihoods: Sequence[LogLikelihoodFn], prior: Distribution,
+                     present: jax.Array) -> jax.Array:
+  """`moe_elbo` over the present experts of each example ((M, B) bool `present`)."""
+  m_count = len(posteriors)
+  total, kl = 0.0, 0.0
+  for d in range(m_count):
+    z_d = posteriors[d].sample(seed=keys[d])  # (B, D), live
+    z_d = jnp.where(present[d][:, None], z_d, 0.0)
+    z_sg = jax.lax.stop_gradient(z_d)
+    log_q_dd = jax.lax.stop_gradient(latent_log_prob(posteriors[d], z_sg))
+    weight = 1.0
+    for r in range(m_count):
+      if r != d:
+        ratio = jnp.where(present[r], latent_log_prob(posteriors[r], z_sg) - log_q_dd, -jnp.inf)
+        weight = weight + jnp.exp(ratio)
+    total = total + jnp.where(present[d], weight * log_likelihoods[d](z_d), 0.0)
+  for r, q in enumerate(posteriors):
+    kl = kl + jnp.where(present[r], kl_divergence(q, prior, key=keys[m_count + r]), 0.0)
+  return (total - kl) / jnp.sum(present.astype(jnp.float32), axis=0)
+
+
 def mixture_elbo(key: jax.Array, posteriors: Sequence[Distribution],
-                 log_likelihood: LogLikelihoodFn, prior: Distribution) -> jax.Array:
+                 log_likelihood: LogLikelihoodFn, prior: Distribution,
+                 present: jax.Array | None = None) -> jax.Array:
   """The stratified ELBO of a uniform mixture posterior (1/C) Σ_c q_c, shape (B,).
 
   One reparameterised sample per component, every decoder scoring every component's sample,
@@ -396,6 +543,8 @@ def mixture_elbo(key: jax.Array, posteriors: Sequence[Distribution],
     log_likelihood: maps latents (..., B, D) to the λ-weighted Σ_d log p(x_d | z), (..., B);
       called once, on the stacked samples (C, B, D).
     prior: p(z), broadcastable against (B, D).
+    present: optional (C, B) bool (incomplete data): example b's mixture has only the C_b
+      components with present[c, b], L = (1/C_b) Σ_{c present} [...]. None: all present.
   Returns:
     (B,) per-example bound.
   """
@@ -404,7 +553,12 @@ def mixture_elbo(key: jax.Array, posteriors: Sequence[Distribution],
     raise ValueError("mixture_elbo needs at least one posterior")
   keys = jax.random.split(key, 2 * num)
   z = jnp.stack([q.sample(seed=keys[c]) for c, q in enumerate(posteriors)])  # (C, B, D)
+  if present is not None:
+    present = check_present(present, num, z.shape[1])
+    z = _mask_samples(z, present)
   ll = log_likelihood(z)
   chex.assert_shape(ll, z.shape[:-1])
   kl = jnp.stack([kl_divergence(q, prior, key=keys[num + c]) for c, q in enumerate(posteriors)])
+  if present is not None:
+    return masked_mean(ll - kl, present)
   return jnp.mean(ll - kl, axis=0)

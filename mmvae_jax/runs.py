@@ -339,11 +339,12 @@ def train_run(config: RunConfig, workdir: str, *, devices=None, progress: bool |
              f"does not see the run.json process 0 wrote): give a folder on a filesystem all "
              f"hosts mount (NFS, Filestore, a gcsfuse bucket)")
     hosts = f" of {jax.process_count()} processes" if several else ""
+    train_set = data.extras.get("training_set", data.train)
     log.info("%s %s on %s: %d train / %d test pairs; %d device(s)%s", config.model,
-             list(model.names), config.experiment, len(data.train), len(data.test),
+             list(model.names), config.experiment, len(train_set), len(data.test),
              jax.device_count(), hosts)
     try:
-      final = train.train_and_evaluate(model, config.train_config(), workdir, data.train,
+      final = train.train_and_evaluate(model, config.train_config(), workdir, train_set,
                                        data.test, devices=devices, progress=progress)
     except train.CheckpointError as e:
       raise RunError(str(e)) from None
@@ -373,6 +374,7 @@ def _prepare(config: RunConfig, workdir: str, devices,
     before_data()
   try:
     data = experiment.build_data(config, workdir=workdir)
+    data.extras["training_set"] = experiment.training_set(config, data)
     model = experiment.build_model(config, data)
     model.resolve_objective(config.objective)
   except (FileNotFoundError, ValueError, RuntimeError, KeyError) as e:

@@ -138,18 +138,23 @@ def make_train_step(model: MultimodalVAE, optimizer: optax.GradientTransformatio
                     ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
   """Returns the pure training step ``(state, batch, rng) -> (state, metrics)``.
 
-  batch: {"x": tuple of M arrays (B, *data_shape), "mask": (B,) 1 for real examples}, and with
-  several processes "stop": (devices,) int32, each process's pending signal number (0: none).
+  batch: {"x": tuple of M arrays (B, *data_shape), "mask": (B,) 1 for real examples}, with
+  incomplete data "present": (B, M) bool (modality m of example b observed; the model gets
+  its (M, B) transpose: one compiled step serves every mask), and with several processes
+  "stop": (devices,) int32, each process's pending signal number (0: none).
   metrics: loss (the official −Σ objective / #examples), objective (the bound itself, mean over
   examples), num_examples, finite (and "stop": the largest of batch["stop"]).
   """
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
     mask = batch["mask"].astype(jnp.float32)
+    # Incomplete data: the batch's (B, M) mask, passed only when there is one (complete data
+    # keep the unmasked computation).
+    extra = {} if batch.get("present") is None else {"present": jnp.transpose(batch["present"])}
 
     def loss_fn(params):
       obj = model.objective(params, batch["x"], rng, config.k, looser=config.looser,
-                            estimator=config.estimator, kind=config.objective)
+                            estimator=config.estimator, kind=config.objective, **extra)
       return -jnp.sum(obj * mask), obj
 
     (loss, obj), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -8,7 +8,10 @@ A batch is a dict of global `jax.Array`s sharded over the mesh's "data" axis
 
   {"x": tuple of M float32 (B, H_m, W_m, C_m) in [0, 1],
    "y": int32 (B,) class labels (of modality 0; equal across modalities by construction),
-   "mask": float32 (B,) 1 for real rows, 0 for padding}
+   "mask": float32 (B,) 1 for real rows, 0 for padding,
+   "present": bool (B, M), only for a dataset with a ``present`` (M, N) mask that is not all
+     True (incomplete data, `mmvae_jax.data.missing`): modality m of row b observed; hidden
+     entries of "x" are 0}
 
 The last batch of an epoch is padded to the full global batch size B with rows that repeat a
 valid pair and carry mask 0 (a loss must weight rows by the mask, never silently average over
@@ -86,7 +89,8 @@ def host_batches(dataset: PairedDataset, global_batch_size: int, *, seed: int, e
 
   Yields:
     {"x": tuple of M float32 (B/P, H_m, W_m, C_m), "y": int32 (B/P,), "mask": float32 (B/P,),
-     "rows": int64 (B/P,) the pair indices (padding rows repeat a real one)}
+     "rows": int64 (B/P,) the pair indices (padding rows repeat a real one), and for a dataset
+     with a ``present`` (M, N) mask "present": bool (B/P, M)}
   """
   n = len(dataset)
   total = num_batches(n, global_batch_size, drop_remainder)
@@ -97,6 +101,10 @@ def host_batches(dataset: PairedDataset, global_batch_size: int, *, seed: int, e
   if seed < 0 or epoch < 0:
     raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
 
+  present = getattr(dataset, "present", None)
+  if present is not None and np.all(present):
+    present = None  # complete data: batches without a mask, the unmasked computation
+
   def gen():
     if start_step == total:
       return
@@ -105,7 +113,10 @@ def host_batches(dataset: PairedDataset, global_batch_size: int, *, seed: int, e
       rows, mask = global_batch_rows(order, step, global_batch_size)
       rows, mask = rows[local], mask[local]
       xs, y = dataset.gather(rows)
-      yield {"x": xs, "y": y, "mask": mask, "rows": rows}
+      item = {"x": xs, "y": y, "mask": mask, "rows": rows}
+      if present is not None:
+        item["present"] = np.ascontiguousarray(present[:, rows].T)
+      yield item
   return gen()
 
 
@@ -239,7 +250,10 @@ def _to_device(sharding, global_batch_size: int) -> Callable[[dict], dict]:
     return jax.make_array_from_process_local_data(sharding, arr, (global_batch_size,) + arr.shape[1:])
 
   def put(host: dict) -> dict:
-    return {"x": tuple(place(x) for x in host["x"]), "y": place(host["y"]), "mask": place(host["mask"])}
+    out = {"x": tuple(place(x) for x in host["x"]), "y": place(host["y"]), "mask": place(host["mask"])}
+    if "present" in host:
+      out["present"] = place(host["present"])
+    return out
   return put
 
 

@@ -68,6 +68,21 @@ class Experiment:
     del config, workdir
     return ()
 
+  def training_set(self, config: RunConfig, data: Data):
+    """The set the model trains on: ``data.train``, with the modalities of ``config.missing``
+    hidden in part of the examples (`mmvae_jax.data.missing.hide_modalities`, seeded by
+    ``config.seed``) and the incomplete examples kept or dropped (``config.missing_mode``).
+    Records what was hidden in ``data.description["missing"]``. Evaluation always uses the
+    complete ``data.train`` and ``data.test``."""
+    fractions = config.missing_fractions()
+    if not fractions:
+      return data.train
+    from mmvae_jax.data import missing as missing_lib
+    train, desc = missing_lib.hide_modalities(data.train, self.used_modalities(config),
+                                              fractions, config.seed, config.missing_mode)
+    data.description["missing"] = desc
+    return train
+
   def write_files(self, data: Data, workdir: str) -> None:
     """Writes what the experiment keeps beside the checkpoints (called after every check)."""
     del data, workdir

@@ -18,7 +18,8 @@ of `MultimodalVAE`:
                                         {name: x}): a distribution with batch shape (B, D),
                                         or a `UniformMixture` of such
 ``decode(params, z)``                   every decoder's likelihood parameter
-``objective(params, xs, key, K, ...)``  the per-example training bound, (B,)
+``objective(params, xs, key, K, ...,    the per-example training bound, (B,), of complete
+present=None)``                         data or of incomplete ones (`present`: (M, B) bool)
 ``test_objective(params, xs, key, K)``  the bound reported on the test set, (B,)
 ``generate(params, key, num)``          decoder means of prior samples
 ``cross_generate(params, observed,      decoder means of every modality from samples of
@@ -294,10 +295,36 @@ class MultimodalVAE:
       out.append(ll * m.llik_scale if weighted else ll)
     return jnp.stack(out)
 
-  def log_likelihood_fn(self, params: Params, xs: Sequence[jax.Array]
-                        ) -> Callable[[jax.Array], jax.Array]:
-    """z (..., B, D) -> Σ_d λ_d log p(x_d | z), (..., B)."""
-    return lambda z: jnp.sum(self.log_likelihoods(params, xs, z), axis=0)
+  def log_likelihood_fn(self, params: Params, xs: Sequence[jax.Array],
+                        present: jax.Array | None = None) -> Callable[[jax.Array], jax.Array]:
+    """z (..., B, D) -> Σ_d λ_d log p(x_d | z), (..., B).
+
+    With `present` ((M, B) bool), example b sums only its present modalities' terms.
+    """
+    if present is None:
+      return lambda z: jnp.sum(self.log_likelihoods(params, xs, z), axis=0)
+
+    def masked(z):
+      lls = self.log_likelihoods(params, xs, z)  # (M, ..., B)
+      mask = present.reshape(present.shape[:1] + (1,) * (lls.ndim - 2) + present.shape[1:])
+      return jnp.sum(jnp.where(mask, lls, 0.0), axis=0)
+    return masked
+
+  # -- incomplete data -----------------------------------------------------------------------
+
+  def check_present(self, present: jax.Array, xs: Sequence[jax.Array]) -> jax.Array:
+    """`present` as an (M, B) bool array for the batch `xs` (ValueError on a bad shape)."""
+    from mmvae_jax import loss as losses
+    return losses.check_present(present, self.num_modalities, xs[0].shape[0])
+
+  def mask_inputs(self, xs: Sequence[jax.Array], present: jax.Array | None
+                  ) -> tuple[jax.Array, ...]:
+    """xs with every absent entry (present[m, b] False) replaced by zeros, so that hidden data
+    never reach an encoder or a likelihood (None: `xs` unchanged)."""
+    if present is None:
+      return tuple(xs)
+    return tuple(jnp.where(p.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+                 for x, p in zip(xs, present))
 
   def weighted_log_likelihood(self, params: Params, name: str, x: jax.Array, z: jax.Array
                               ) -> jax.Array:
@@ -323,8 +350,15 @@ class MultimodalVAE:
 
   def objective(self, params: Params, xs: Sequence[jax.Array], key: jax.Array,
                 num_samples: int, *, kind: str | None = None, looser: bool = True,
-                estimator: str = DEFAULT_ESTIMATOR) -> jax.Array:
-    """Per-example training objective (B,), a bound to maximise."""
+                estimator: str = DEFAULT_ESTIMATOR, present: jax.Array | None = None
+                ) -> jax.Array:
+    """Per-example training objective (B,), a bound to maximise.
+
+    `present`: optional (M, B) bool, True where modality m of example b is observed (at least
+    one per example; None: all). Absent data are replaced by zeros before any network sees
+    them (`mask_inputs`), their likelihood terms do not count, and the posterior of example b
+    is built from its present experts only.
+    """
     raise NotImplementedError
 
   def test_objective(self, params: Params, xs: Sequence[jax.Array], key: jax.Array,

@@ -72,23 +72,31 @@ class MMVAE(MultimodalVAE):
 
   def objective(self, params: Params, xs: Sequence[jax.Array], key: jax.Array,
                 num_samples: int, *, kind: str | None = None, looser: bool = True,
-                estimator: str = DEFAULT_ESTIMATOR) -> jax.Array:
+                estimator: str = DEFAULT_ESTIMATOR, present: jax.Array | None = None
+                ) -> jax.Array:
     """Per-example training objective (B,) (a bound to maximise).
 
     kind="moe_iwae" (default) is `mmvae_jax.loss.moe_iwae` (eq. (3) when looser);
     kind="moe_elbo" is the official multimodal ELBO (K, looser and estimator are ignored).
     `estimator` chooses the gradient (`mmvae_jax.loss`, docs/estimators.md): for M >= 2 only
     "iwae" and "dreg_moe" (stratified bound only) are unbiased.
+    `present` ((M, B) bool, incomplete data): each example's q_Φ is the mixture of its present
+    experts and only its present modalities are scored (`MultimodalVAE.objective`).
     """
     kind = self.resolve_objective(kind)
+    if present is not None:
+      present = self.check_present(present, xs)
+      xs = self.mask_inputs(xs, present)
     posteriors = self.encode(params, xs)
     prior = self.prior(params)
     if kind == "moe_iwae":
-      return losses.moe_iwae(key, posteriors, self.log_likelihood_fn(params, xs), prior,
-                             num_samples, looser=looser, estimator=estimator)
+      return losses.moe_iwae(key, posteriors, self.log_likelihood_fn(params, xs, present), prior,
+                             num_samples, looser=looser, estimator=estimator, present=present)
     lls = [functools.partial(self.weighted_log_likelihood, params, n, x)
            for n, x in zip(self.names, xs)]
-    return losses.moe_elbo(key, posteriors, lls, prior)
+    if present is None:
+      return losses.moe_elbo(key, posteriors, lls, prior)
+    return losses.moe_elbo(key, posteriors, lls, prior, present=present)
 
   def test_objective(self, params: Params, xs: Sequence[jax.Array], key: jax.Array,
                      num_samples: int) -> jax.Array:

@@ -49,6 +49,7 @@ from typing import Mapping, Sequence
 
 import distrax
 import jax
+import jax.numpy as jnp
 
 from mmvae_jax import loss as losses
 from mmvae_jax.models.base import DEFAULT_ESTIMATOR, Modality, Params, UniformMixture
@@ -103,7 +104,8 @@ class MoPoE(GaussianExperts):
 
   def objective(self, params: Params, xs: Sequence[jax.Array], key: jax.Array,
                 num_samples: int, *, kind: str | None = None, looser: bool = True,
-                estimator: str = DEFAULT_ESTIMATOR) -> jax.Array:
+                estimator: str = DEFAULT_ESTIMATOR, present: jax.Array | None = None
+                ) -> jax.Array:
     """Per-example objective (B,) (a bound to maximise); the formulas are in the module
     docstring.
 
@@ -112,20 +114,34 @@ class MoPoE(GaussianExperts):
         (one sample each, closed-form KL); K, `looser` and `estimator` are ignored.
       "mopoe_iwae": `mmvae_jax.loss.moe_iwae` over the same components, K samples per subset,
         stratified when `looser`, tight otherwise, gradient by `estimator`.
+    `present` ((M, B) bool, incomplete data): example b's mixture has only the subsets of its
+    present modalities (`subset_presence`), and only those modalities are scored.
     """
     losses._check_estimator(estimator)  # pylint: disable=protected-access
     kind = self.resolve_objective(kind)
     if num_samples < 1:
       raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     self.check_data(xs)
+    components = None
+    if present is not None:
+      present = self.check_present(present, xs)
+      xs = self.mask_inputs(xs, present)
     experts = {n: self.expert_loc_scale(params, n, x) for n, x in zip(self.names, xs)}
-    _, posteriors = self.subset_products(experts)
-    log_likelihood = self.log_likelihood_fn(params, xs)
+    subs, posteriors = self.subset_products(experts)
+    if present is not None:
+      components = self.subset_presence(subs, present)
+    log_likelihood = self.log_likelihood_fn(params, xs, present)
     prior = self.prior(params)
     if kind == "mopoe_elbo":
-      return losses.mixture_elbo(key, posteriors, log_likelihood, prior)
+      return losses.mixture_elbo(key, posteriors, log_likelihood, prior, present=components)
     return losses.moe_iwae(key, posteriors, log_likelihood, prior, num_samples, looser=looser,
-                           estimator=estimator)
+                           estimator=estimator, present=components)
+
+  def subset_presence(self, subs: Sequence[tuple[str, ...]], present: jax.Array) -> jax.Array:
+    """(C, B) bool: subset S is a component of example b's mixture iff every modality of S
+    is present in b. `present` is (M, B) over the model's modalities."""
+    index = {n: i for i, n in enumerate(self.names)}
+    return jnp.stack([jnp.all(jnp.stack([present[index[n]] for n in s]), axis=0) for s in subs])
 
 
 def build(modalities: tuple[Modality, ...], options) -> MoPoE:

@@ -80,14 +80,21 @@ def product_of_experts(locs: jax.Array, scales: jax.Array, mask: jax.Array | Non
   return loc, jax.lax.rsqrt(total)
 
 
-def poe(experts: Sequence[tuple[jax.Array, jax.Array]], prior_expert: bool = True
-        ) -> distrax.Normal:
-  """[N(0, I) ×] Π experts, for experts given as (loc (B, D), scale (B, D)): batch (B, D)."""
+def poe(experts: Sequence[tuple[jax.Array, jax.Array]], prior_expert: bool = True,
+        present: jax.Array | None = None) -> distrax.Normal:
+  """[N(0, I) ×] Π experts, for experts given as (loc (B, D), scale (B, D)): batch (B, D).
+
+  `present`: optional (E, B) bool over `experts` (incomplete data): expert e leaves the
+  product of example b (precision 0) where present[e, b] is False; the prior expert always
+  stays. Without a prior expert every example needs one present expert.
+  """
   locs = [loc for loc, _ in experts]
   scales = [scale for _, scale in experts]
   if prior_expert:
     locs, scales = [jnp.zeros_like(locs[0])] + locs, [jnp.ones_like(scales[0])] + scales
-  return distrax.Normal(*product_of_experts(jnp.stack(locs), jnp.stack(scales)))
+    if present is not None:
+      present = jnp.concatenate([jnp.ones_like(present[:1]), present], axis=0)
+  return distrax.Normal(*product_of_experts(jnp.stack(locs), jnp.stack(scales), present))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,18 +171,21 @@ class MVAE(GaussianExperts):
     self.check_observed(observed)
     return poe([self.expert_loc_scale(params, n, x) for n, x in observed.items()])
 
-  def subset_posteriors(self, params: Params, xs: Sequence[jax.Array]) -> list[distrax.Normal]:
+  def subset_posteriors(self, params: Params, xs: Sequence[jax.Array],
+                        present: jax.Array | None = None) -> list[distrax.Normal]:
     """[q(z | x_{1:M}), q(z | x_1), ..., q(z | x_M)], each PoE with the prior expert, (B, D).
 
-    Each encoder runs once; the M + 1 products reuse its outputs.
+    Each encoder runs once; the M + 1 products reuse its outputs. With `present` ((M, B)
+    bool), the joint product of example b has its present experts only.
     """
     self.check_data(xs)
     experts = [self.expert_loc_scale(params, n, x) for n, x in zip(self.names, xs)]
-    return [poe(experts)] + [poe([e]) for e in experts]
+    return [poe(experts, present=present)] + [poe([e]) for e in experts]
 
   def objective(self, params: Params, xs: Sequence[jax.Array], key: jax.Array,
                 num_samples: int, *, kind: str | None = None, looser: bool = True,
-                estimator: str = DEFAULT_ESTIMATOR) -> jax.Array:
+                estimator: str = DEFAULT_ESTIMATOR, present: jax.Array | None = None
+                ) -> jax.Array:
     """Per-example objective (B,) (a bound to maximise).
 
     kind:
@@ -189,27 +199,36 @@ class MVAE(GaussianExperts):
       "joint_elbo" / "joint_iwae": the joint term alone, a lower bound on the λ-weighted
         log p(x_{1:M}).
     `looser` has no meaning for a product posterior and is ignored.
+    `present` ((M, B) bool, incomplete data): the joint term of example b is the PoE of the
+    prior expert and its present experts, scoring its present modalities; the unimodal term of
+    an absent modality is left out (absent experts leave every product).
     """
     del looser
     losses._check_estimator(estimator)  # pylint: disable=protected-access
     kind = self.resolve_objective(kind)
     if num_samples < 1:
       raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    posteriors = self.subset_posteriors(params, xs)
+    if present is not None:
+      present = self.check_present(present, xs)
+      xs = self.mask_inputs(xs, present)
+    posteriors = self.subset_posteriors(params, xs, present)
     prior = self.prior(params)
-    lls = [self.log_likelihood_fn(params, xs)]
+    lls = [self.log_likelihood_fn(params, xs, present)]
     lls += [functools.partial(self.weighted_log_likelihood, params, n, x)
             for n, x in zip(self.names, xs)]
     if kind.startswith("joint"):
       posteriors, lls = posteriors[:1], lls[:1]
     keys = jax.random.split(key, self.num_modalities + 1)
     total = 0.0
-    for q, ll, k in zip(posteriors, lls, keys):
+    for j, (q, ll, k) in enumerate(zip(posteriors, lls, keys)):
       if kind.endswith("elbo"):
         z = q.loc + q.scale * jax.random.normal(k, q.loc.shape, q.loc.dtype)
-        total = total + ll(z) - dists.kl_divergence(q, prior)
+        term = ll(z) - dists.kl_divergence(q, prior)
       else:
-        total = total + losses.iwae(k, q, ll, prior, num_samples, estimator=estimator)
+        term = losses.iwae(k, q, ll, prior, num_samples, estimator=estimator)
+      if present is not None and j > 0:  # modality j - 1 alone: only where it is observed
+        term = jnp.where(present[j - 1], term, 0.0)
+      total = total + term
     return total
 
   def test_objective(self, params: Params, xs: Sequence[jax.Array], key: jax.Array,
