@@ -111,7 +111,8 @@ run_stage() {
   fi
   echo "[$(elapsed)s] $name (limit ${limit}s): $*" >&2
   local t0=$(date +%s) rc
-  timeout --kill-after=10 "$limit" "$@" > "$WORK/$name.out" 2>&1
+  # SIGINT first: pytest then still writes its report, compare_official.py ends its workers.
+  timeout --signal=INT --kill-after=15 "$limit" "$@" > "$WORK/$name.out" 2>&1
   rc=$?
   local timed_out=false; (( rc == 124 || rc == 137 )) && timed_out=true
   echo "{\"stage\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - t0 )), \"timed_out\": $timed_out}" \
@@ -282,13 +283,13 @@ PY
     for t in "${FOUR_DEVICE_TESTS[@]}"; do TEST_ARGS+=(--deselect "$t"); done
     printf '%s\n' "${FOUR_DEVICE_TESTS[@]}" > "$WORK/deselected.list"
   fi
-  run_stage tests 200 "$PYTHON" -m pytest "${TEST_ARGS[@]}" "${TESTS[@]}"
+  run_stage tests 150 "$PYTHON" -m pytest "${TEST_ARGS[@]}" "${TESTS[@]}"
   assemble
 
   # --- 3. our training step, both decoder formulations ----------------------------------------
   for k in "${KS[@]}"; do
     for impl in "${IMPLS[@]}"; do
-      run_stage "train_step_k${k}_${impl}" 90 "$PYTHON" "$REPO/benchmarks/train_step.py" \
+      run_stage "train_step_k${k}_${impl}" 60 "$PYTHON" "$REPO/benchmarks/train_step.py" \
           --k="$k" --batch_size="$BATCH" --decoder_impl="$impl" "${STEP_ARGS[@]}" --json
       assemble
     done
@@ -319,7 +320,7 @@ PY
       echo "[$(elapsed)s] official_k$k: skipped: $OFFICIAL_SKIP" >&2
       continue
     fi
-    run_stage "official_k${k}" 150 "$PYTHON" "$REPO/benchmarks/compare_official.py" \
+    run_stage "official_k${k}" 90 "$PYTHON" "$REPO/benchmarks/compare_official.py" \
         "${OFFICIAL_ARGS[@]}" --k="$k" --batch_size="$BATCH" "${CMP_ARGS[@]}" --json
     assemble
   done
