@@ -111,8 +111,7 @@ run_stage() {
   fi
   echo "[$(elapsed)s] $name (limit ${limit}s): $*" >&2
   local t0=$(date +%s) rc
-  # SIGINT first: pytest then still writes its report, compare_official.py ends its workers.
-  timeout --signal=INT --kill-after=15 "$limit" "$@" > "$WORK/$name.out" 2>&1
+  timeout --kill-after=10 "$limit" "$@" > "$WORK/$name.out" 2>&1
   rc=$?
   local timed_out=false; (( rc == 124 || rc == 137 )) && timed_out=true
   echo "{\"stage\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - t0 )), \"timed_out\": $timed_out}" \
@@ -178,7 +177,14 @@ if "tests" in stages:
         f"{case.get('classname')}::{case.get('name')}: {child.tag}"
         for case in suite.iter("testcase") for child in case
         if child.tag in ("failure", "error")]
-  except (OSError, ET.ParseError, AttributeError):
+  except (OSError, ET.ParseError, AttributeError):  # cut short: no report; count the -v lines
+    lines = read("tests.out").splitlines()
+    outcome = lambda line: next((o for o in ("PASSED", "FAILED", "ERROR", "SKIPPED")
+                                 if f" {o}" in line and "::" in line), None)
+    outcomes = [(line.split(" ")[0], outcome(line)) for line in lines if outcome(line)]
+    tests.update({key: sum(1 for _, x in outcomes if x == o) for o, key in (
+        ("PASSED", "passed"), ("FAILED", "failures"), ("ERROR", "errors"), ("SKIPPED", "skipped"))})
+    tests["not_passed"] = [f"{name}: {o}" for name, o in outcomes if o in ("FAILED", "ERROR")]
     tests["output_tail"] = tail("tests")
   deselected = read("deselected.list").split()
   if deselected:
@@ -277,7 +283,8 @@ PY
   assemble
 
   # --- 2. tests on the device -----------------------------------------------------------------
-  TEST_ARGS=(-q -p no:cacheprovider --junitxml="$WORK/tests.xml" -o junit_family=xunit1)
+  # -v: one line per test, which is what is left to count if the stage is cut short.
+  TEST_ARGS=(-v --tb=short -p no:cacheprovider --junitxml="$WORK/tests.xml" -o junit_family=xunit1)
   DEVICES=$("$PYTHON" -c 'import json, sys; print(len(json.load(open(sys.argv[1]))["environment"].get("devices", [])))' "$OUT_FILE" 2>/dev/null || echo 0)
   if (( DEVICES < 4 )); then
     for t in "${FOUR_DEVICE_TESTS[@]}"; do TEST_ARGS+=(--deselect "$t"); done
