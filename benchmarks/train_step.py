@@ -94,6 +94,10 @@ def main(argv=None) -> dict:
       "device_kind": jax.devices()[0].device_kind, "host": platform.machine(),
       "jax": jax.__version__,
   }
+  # On a GPU or TPU, also the device's peak memory in use (the CPU backend keeps no statistics).
+  stats = jax.local_devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    result["peak_device_mb"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
   print(json.dumps(result) if args.json else json.dumps(result, indent=2))
   return result
 

@@ -289,6 +289,8 @@ def guarded(prog: str, fn: Callable[[], None]) -> None:
     multihost = sys.modules.get("mmvae_jax.multihost")
     if multihost is not None and isinstance(e, multihost.PeerStopped):
       fail(prog, str(e), e.code, together=False)
+    if multihost is not None:
+      multihost.await_watchdog(e)  # a collective that lost a peer: the watchdog's line
     if show_tracebacks():
       raise
     text = str(e).strip().splitlines()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
+import re
 import sys
 import threading
 import time
@@ -423,6 +424,24 @@ def _at_exit() -> None:
     _client().key_value_set(_key("exit", _state.index), "T 0 done", allow_overwrite=True)
   except Exception:  # pylint: disable=broad-except
     pass
+
+
+# How a collective reports a peer that is gone, where it fails instead of waiting: jax 0.12's
+# CPU collectives (gloo) fail at once ("Connection closed by peer"), jax 0.10's wait until the
+# watchdog ends the process.
+_PEER_LOST = re.compile(r"closed by peer|connection reset|broken pipe|connection refused",
+                        re.IGNORECASE)
+
+
+def await_watchdog(error: BaseException) -> None:
+  """After `error` in a run of several processes: if it is a collective that lost a peer, waits
+  for the watchdog to find which process stopped (at most the peer timeout and a few
+  heartbeats); the watchdog then ends this process with its one line, as where the collective
+  waits. Returns at once for any other error, or when the watchdog finds nothing."""
+  watchdog = _state.watchdog
+  if watchdog is None or not watchdog.is_alive() or not _PEER_LOST.search(str(error)):
+    return
+  watchdog.join(_peer_timeout() + 5 * HEARTBEAT_SECONDS + GRACE_SECONDS)
 
 
 class _Watchdog(threading.Thread):

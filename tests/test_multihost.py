@@ -306,3 +306,20 @@ def test_killed_coordinator_ends_the_other_process(tmp_path, sources):
   killed = time.monotonic()
   _, (code, _, err) = _finish(procs, timeout=60)
   assert code != 0 and time.monotonic() - killed < 20, err[-3000:]
+
+
+def test_a_collective_that_lost_a_peer_waits_for_the_watchdog(monkeypatch):
+  """Where a collective fails at once on a lost peer (gloo on newer JAX) instead of waiting,
+  the error waits for the watchdog's verdict; any other error does not wait."""
+  finished = threading.Event()
+  watchdog = threading.Thread(target=lambda: finished.wait(30), daemon=True)
+  watchdog.start()
+  monkeypatch.setattr(multihost._state, "watchdog", watchdog)
+  monkeypatch.setenv(multihost.PEER_TIMEOUT_ENV, "2")
+  t0 = time.monotonic()
+  multihost.await_watchdog(ValueError("a shape mismatch"))
+  assert time.monotonic() - t0 < 0.5
+  threading.Timer(0.5, finished.set).start()  # the watchdog ends (here: returns) after 0.5 s
+  multihost.await_watchdog(RuntimeError("UNKNOWN: Gloo all-reduce failed: [pair.cc:547] "
+                                        "Connection closed by peer [127.0.0.1]:8095"))
+  assert 0.4 < time.monotonic() - t0 < 5 and not watchdog.is_alive()
