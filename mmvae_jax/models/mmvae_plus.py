@@ -126,7 +126,7 @@ class MMVAEPlus(MultimodalVAE):
   # -- distributions -------------------------------------------------------------------------
 
   def _fixed(self, dim: int) -> dists.Distribution:
-    scale = self.prior_scale(jnp.zeros((dim,), jnp.float32))
+    scale = self.prior_scale(jnp.zeros((dim,)))  # float64 under jax.enable_x64
     return dists.FAMILIES[self.prior_family](jnp.zeros_like(scale), scale)
 
   def shared_prior(self) -> dists.Distribution:
