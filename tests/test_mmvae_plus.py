@@ -300,8 +300,7 @@ def test_tiny_model_structure_and_registry():
   def run(params):
     return dict(obj=model.objective(params, xs, key, 2), test=model.test_objective(params, xs, key, 2),
                 gen=model.generate(params, key, 4), recon=model.reconstruct(params, xs, key),
-                cross=model.cross_generate(params, {"m0": xs[0], "m2": xs[2]}, key, 2),
-                grad=jax.grad(lambda q: jnp.sum(model.objective(q, xs, key, 2)))(params))
+                cross=model.cross_generate(params, {"m0": xs[0], "m2": xs[2]}, key, 2))
 
   out = jax.device_get(run(params))
   assert out["obj"].shape == out["test"].shape == (3,)
@@ -310,8 +309,6 @@ def test_tiny_model_structure_and_registry():
   assert [[r.shape for r in row] for row in out["recon"]] == [[(3,) + s for s in shapes]] * 3
   assert {n: v.shape for n, v in out["cross"].items()} == {
       f"m{i}": (2, 3) + s for i, s in enumerate(shapes)}
-  # The auxiliary priors learn: the cross terms give their scales a gradient.
-  assert all(np.any(out["grad"]["auxiliary"][n]["scale_logits"] != 0) for n in model.names)
 
 
 # ---------------------------------------------------------------------------------------------
