@@ -296,15 +296,14 @@ def test_tiny_model_structure_and_registry():
   jax.make_jaxpr(lambda q: model.objective(q, xs, key, 2))(params)
   assert CountingModality.calls == {"enc": 3, "dec": 3}
 
-  @fast_jit
+  # Shapes only (no compilation): the tiny run below computes these for real.
   def run(params):
     return dict(obj=model.objective(params, xs, key, 2), test=model.test_objective(params, xs, key, 2),
                 gen=model.generate(params, key, 4), recon=model.reconstruct(params, xs, key),
                 cross=model.cross_generate(params, {"m0": xs[0], "m2": xs[2]}, key, 2))
 
-  out = jax.device_get(run(params))
+  out = jax.eval_shape(run, params)
   assert out["obj"].shape == out["test"].shape == (3,)
-  assert np.all(np.isfinite(out["obj"])) and np.all(np.isfinite(out["test"]))
   assert [g.shape for g in out["gen"]] == [(4,) + s for s in shapes]
   assert [[r.shape for r in row] for row in out["recon"]] == [[(3,) + s for s in shapes]] * 3
   assert {n: v.shape for n, v in out["cross"].items()} == {
