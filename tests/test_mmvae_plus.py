@@ -337,12 +337,11 @@ def test_train_and_evaluate_a_tiny_run(tmp_path):
   run = mmvae_jax.load_run(str(wd))
   assert isinstance(run.model, MMVAEPlus) and run.model.private_dim == 2
   assert run.model.network_latent_dim == 6 and run.model.joint_latent_dim == 8
-  res = report.evaluate(run, report.Settings(
-      parts=("classifiers", "probe", "coherence"), num_test=16, probe_num_train=16, batch_size=8,
-      classifier_epochs=1, joint_num=8, classifier_cache=str(tmp_path / "cache")),
-      say=lambda *_: None)
+  # The probe on the shared latent (coherence, likelihoods and figures: the slow test below).
+  res = report.evaluate(run, report.Settings(parts=("probe",), num_test=16, probe_num_train=16,
+                                             batch_size=8), say=lambda *_: None)
   assert set(res["table1_probe"]["accuracy"]) == {"mnist", "svhn"}
-  assert set(res["table2_coherence"]["cross"]["cross"]) == {"mnist->svhn", "svhn->mnist"}
+  assert set(res["table1_probe"]["accuracy_joint"]) == {"mnist", "svhn"}
 
 
 @pytest.mark.slow
