@@ -5,7 +5,8 @@
 
 A registry entry maps a name to ``build(modalities, options) -> model``. Besides the registered
 names, ``"vae_<modality>"`` builds the single-modality VAE of that modality (an MMVAE with
-M = 1, λ = 1). Adding a model is one file under this package and one line in `MODELS`.
+M = 1, λ = 1). Adding a model is one file under this package and one line in `MODELS` (and
+one in `NETWORK_LATENT_DIMS` if its networks read more than `latent_dim` latent columns).
 """
 from __future__ import annotations
 
