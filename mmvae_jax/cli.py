@@ -34,10 +34,12 @@ HELP = {
                  "(stratified bound only; docs/estimators.md).",
     "objective": "Training objective, a name the model accepts (mmvae: moe_iwae, moe_elbo; "
                  "mvae: subsampled_elbo, subsampled_iwae, joint_elbo, joint_iwae; mopoe: "
-                 "mopoe_elbo, mopoe_iwae); auto: the model's default.",
+                 "mopoe_elbo, mopoe_iwae; mmvae_plus: mmvae_plus_iwae); auto: the model's default.",
     "looser": "Stratified bound of eq. (3); --nolooser: the tight bound.",
     "learn_prior": "Learn the prior's scale logits.",
-    "latent_dim": "Latent dimension D.",
+    "latent_dim": "Latent dimension D (mmvae_plus: the shared latent).",
+    "private_dim": "Private latent dimension of each modality (mmvae_plus).",
+    "beta": "Weight beta of the regularisation terms of the objective (mmvae_plus).",
     "batch_size": "Global batch size (split over all devices).",
     "epochs": "Epochs over the paired training set.",
     "max_steps": "Stop after this many steps in total (0: no limit).",

@@ -22,6 +22,8 @@ class RunConfig:
   model: str = "mmvae"
   # model
   latent_dim: int = 20
+  private_dim: int = 10           # private latent per modality (mmvae_plus)
+  beta: float = 1.0               # β on the regularisation terms (mmvae_plus)
   learn_prior: bool = True
   llik_scaling: float = 0.0       # 0: the experiment's λ rule; else λ of the first modality
   expert_scale: str = "logvar"    # scale of Gaussian experts (product-of-experts models)
@@ -74,6 +76,10 @@ class RunConfig:
     self.train_config().validate(1)
     if self.latent_dim < 1:
       raise ValueError(f"--latent_dim must be >= 1, got {self.latent_dim}")
+    if self.private_dim < 1:
+      raise ValueError(f"--private_dim must be >= 1, got {self.private_dim}")
+    if self.beta <= 0:
+      raise ValueError(f"--beta must be > 0, got {self.beta}")
     if self.partners < 1:
       raise ValueError(f"--partners must be >= 1, got {self.partners}")
     if self.llik_scaling < 0:

@@ -83,7 +83,7 @@ def test_single_modality_models_read_one_modality(tmp_path):
   data = exp.build_data(config)
   model = exp.build_model(config, data)
   assert model.names == ("svhn",) and model.modalities[0].llik_scale == 1.0
-  with pytest.raises(ValueError, match="choose one of mmvae, mvae, mopoe, vae_mnist, vae_svhn"):
+  with pytest.raises(ValueError, match="choose one of mmvae, mvae, mopoe, mmvae_plus, vae_mnist, vae_svhn"):
     models.used_modalities("vae_cifar", exp.modalities)
 
 

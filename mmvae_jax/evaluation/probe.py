@@ -42,11 +42,13 @@ def probe_views(model) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def _sample(model, params, xs, key, views):
-  """One z per probe view, from its posterior: a list of (B, D), gradients stopped."""
+  """One z per probe view, from its posterior: a list of (B, D), gradients stopped; only the
+  shared latent (`shared_latent`) of a model with private latents."""
   keys = jax.random.split(key, len(views))
   params = jax.lax.stop_gradient(params)
   data = dict(zip(model.names, xs))
-  return [model.posterior(params, {n: data[n] for n in observed}).sample(seed=k)
+  return [model.shared_latent(model.posterior(params, {n: data[n] for n in observed})
+                              .sample(seed=k))
           for (_, observed), k in zip(views, keys)]
 
 

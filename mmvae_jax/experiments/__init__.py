@@ -7,12 +7,17 @@ paper's reference numbers where they exist.
     model = exp.build_model(config, data)              # any registered model
 
 An experiment is an `Experiment` (`base`); `digits` defines "mnist_svhn" and "three_digits",
-`cub` defines "cub". Adding one is a subclass instance and a line in `EXPERIMENTS`.
+`cub` defines "cub", `polymnist` "polymnist". Adding one is a subclass instance and a line in `EXPERIMENTS`.
 """
 from __future__ import annotations
 
 from mmvae_jax.experiments.base import Data, Experiment
 from mmvae_jax.experiments import digits
+
+
+def _polymnist():
+  from mmvae_jax.experiments import polymnist
+  return polymnist.POLYMNIST
 
 
 def _cub():
@@ -24,6 +29,7 @@ EXPERIMENTS = {
     "mnist_svhn": lambda: digits.MNIST_SVHN,
     "three_digits": lambda: digits.THREE_DIGITS,
     "cub": _cub,
+    "polymnist": _polymnist,
 }
 
 

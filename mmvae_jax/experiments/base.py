@@ -60,7 +60,12 @@ class Experiment:
 
   def model_options(self, config: RunConfig) -> models.ModelOptions:
     return models.ModelOptions(latent_dim=config.latent_dim, learn_prior=config.learn_prior,
-                               expert_scale=config.expert_scale)
+                               expert_scale=config.expert_scale, private_dim=config.private_dim,
+                               beta=config.beta)
+
+  def network_latent_dim(self, config: RunConfig) -> int:
+    """The latent width of the networks `config.model` needs (Dz + Dw for MMVAE+)."""
+    return models.network_latent_dim(config.model, self.model_options(config))
 
   def tfds_datasets(self, config: RunConfig, *, workdir: str | None = None) -> tuple[str, ...]:
     """The tfds datasets `build_data` reads for `config` (the scripts' --download prepares

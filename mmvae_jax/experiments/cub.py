@@ -289,7 +289,7 @@ class CubExperiment(Experiment):
     from mmvae_jax import networks_cub
     opts = _options(config)
     mods = networks_cub.cub_modalities(
-        config.latent_dim, llik_scaling=config.llik_scaling,
+        self.network_latent_dim(config), llik_scaling=config.llik_scaling,
         vocab_size=int(data.description["vocab_size"]), padding_quirk=bool(opts["padding_quirk"]),
         variant=opts["sentence_variant"], decoder_impl=config.decoder_impl)
     used = self.used_modalities(config)
@@ -299,7 +299,8 @@ class CubExperiment(Experiment):
     from mmvae_jax import distributions as dists
     return models.ModelOptions(latent_dim=config.latent_dim, learn_prior=config.learn_prior,
                                prior_family="normal", prior_scale=dists.softplus_scale,
-                               expert_scale=config.expert_scale)
+                               expert_scale=config.expert_scale, private_dim=config.private_dim,
+                               beta=config.beta)
 
   def prepare_params(self, model, params, data: Data, config: RunConfig):
     return with_batch_stats(model, params, data.train,

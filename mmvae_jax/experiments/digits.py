@@ -125,7 +125,8 @@ class DigitsExperiment(Experiment):
 
   def build_modalities(self, config: RunConfig, data: Data) -> tuple[models.Modality, ...]:
     shapes = {n: tuple(data.shapes[n]) for n in self.used_modalities(config)}
-    return digit_modalities(shapes, config.latent_dim, llik_scaling=config.llik_scaling,
+    return digit_modalities(shapes, self.network_latent_dim(config),
+                            llik_scaling=config.llik_scaling,
                             decoder_impl=config.decoder_impl)
 
   def is_genuine(self, name: str, spec: str) -> bool:

@@ -25,6 +25,7 @@ present=None)``                         data or of incomplete ones (`present`: (
 ``cross_generate(params, observed,      decoder means of every modality from samples of
 key, K)``                               q(z | x_S)
 ``reconstruct(params, xs, key)``        recon[e][d]: decoder d on a sample of q(z | x_e)
+``shared_latent(z)``                   the part of z every modality shares, (..., D)
 ======================================  ===================================================
 
 Evaluation and training use only this protocol, so a new model is one file that subclasses
@@ -277,6 +278,11 @@ class MultimodalVAE:
   def posterior(self, params: Params, observed: Mapping[str, jax.Array]):
     """q(z | x_S) of the non-empty subset S = `observed` ({name: x (B, *data_shape)})."""
     raise NotImplementedError
+
+  def shared_latent(self, z: jax.Array) -> jax.Array:
+    """The part of a latent sample z (..., *) that all modalities share, (..., D): all of it
+    (a model with private latents keeps only the shared columns)."""
+    return z
 
   def decode_one(self, params: Params, name: str, z: jax.Array) -> jax.Array:
     """Decoder `name` on z (..., D): its likelihood parameter (..., *data_shape)."""
