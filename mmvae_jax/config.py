@@ -84,7 +84,12 @@ class RunConfig:
       raise ValueError(f"--partners must be >= 1, got {self.partners}")
     if self.llik_scaling < 0:
       raise ValueError(f"--llik_scaling must be >= 0, got {self.llik_scaling}")
-    self.missing_fractions()
+    if self.missing_fractions() and self.model == "mmvae_plus":
+      raise ValueError("--missing: model mmvae_plus does not train on incomplete data yet: "
+                       "choose --model=mmvae, mvae or mopoe")
+    if self.model == "mmvae_plus" and self.estimator == "dreg_moe":
+      raise ValueError("--estimator=dreg_moe is derived for the MMVAE's mixture bound, not "
+                       "for MMVAE+'s: use --estimator=iwae, dreg or legacy")
 
   def missing_fractions(self) -> dict[str, float]:
     """{modality: fraction hidden} of `missing` (ValueError, one line, when it is malformed,

@@ -612,6 +612,9 @@ def mmvae_plus_iwae(key: jax.Array, shared: Sequence[Distribution],
     estimator: "dreg", "legacy" or "iwae"; changes the gradient only.
   """
   _check_estimator(estimator)
+  if estimator == "dreg_moe":
+    raise ValueError("mmvae_plus_iwae: estimator 'dreg_moe' is derived for moe_iwae's mixture "
+                     "bound only: use 'iwae', 'dreg' or 'legacy'")
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
   m_count = len(shared)

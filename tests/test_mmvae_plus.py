@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -365,3 +366,14 @@ def test_evaluate_command_on_a_tiny_run(tmp_path):
   assert out["model"] == "mmvae_plus"
   assert out["table3_likelihoods"]["proposals"]["mnist,svhn"] == 2
   assert len(list(wd.glob("*.png"))) >= 2
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"estimator": "dreg_moe"}, "--estimator=dreg_moe"),
+    ({"missing": "svhn:0.5"}, "--missing: model mmvae_plus"),
+])
+def test_config_refuses_what_mmvae_plus_does_not_do(changes, needle):
+  from mmvae_jax.config import RunConfig
+  config = dataclasses.replace(RunConfig(experiment="mnist_svhn", model="mmvae_plus"), **changes)
+  with pytest.raises(ValueError, match=re.escape(needle)):
+    config.validate()
