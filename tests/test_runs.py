@@ -50,7 +50,8 @@ def _config(name, model, tmp_path):
 
 
 @pytest.mark.parametrize("name,model,cls", [
-    ("three_digits", "mmvae", "MMVAE"), ("mnist_svhn", "mopoe", "MoPoE"), ("cub", "mvae", "MVAE")])
+    ("three_digits", "mmvae", "MMVAE"), ("mnist_svhn", "mopoe", "MoPoE"),
+    pytest.param("cub", "mvae", "MVAE", marks=pytest.mark.slow)])  # 35 s; CUB: tests/test_cub.py
 def test_train_then_load_run(name, model, cls, tmp_path, capsys):
   workdir = str(tmp_path / "run")
   config = _config(name, model, tmp_path)
