@@ -31,7 +31,6 @@ the mean responsibility r_j(z) of a sample's own expert (1: the experts do not o
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
