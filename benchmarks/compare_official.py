@@ -1,7 +1,7 @@
 r"""Head-to-head: our training step vs the released official code's, interleaved; prints JSON.
 
-    git clone https://github.com/iffsid/mmvae /tmp/mmvae
-    python benchmarks/compare_official.py --official_src=/tmp/mmvae/src --k=30 --json
+    git clone https://github.com/iffsid/mmvae ../iffsid-mmvae
+    python benchmarks/compare_official.py --official_src=../iffsid-mmvae/src --k=30 --json
 
 The official side is the released MMVAE code itself (github.com/iffsid/mmvae, its ``src``
 folder, GPL-3.0: nothing of it is copied here, the benchmark imports it from
