@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mmvae_jax.data import pairing
 from mmvae_jax.data.sources import Source, source_from_arrays
 
 SPLITS = ("train", "test")
@@ -125,8 +126,9 @@ def load_split(root: str, split: str, modalities: Sequence[str] | None = None,
   return sources
 
 
-class AlignedDataset:
-  """M sources of equal length zipped row by row: row i of every source is tuple i.
+class AlignedDataset(pairing.PairedDataset):
+  """M sources of equal length zipped row by row: row i of every source is tuple i (a
+  `PairedDataset` whose pairing is the identity: length, `gather` and the rest are its own).
 
   Attributes:
     sources: the M `Source`s.
@@ -148,19 +150,7 @@ class AlignedDataset:
                          f"differ row by row")
     self.indices = np.tile(np.arange(n, dtype=np.int32), (len(self.sources), 1))
     self.labels = self.sources[0].labels.astype(np.int32)
-    self.partners = 1
-
-  def __len__(self) -> int:
-    return self.indices.shape[1]
-
-  @property
-  def num_modalities(self) -> int:
-    return len(self.sources)
-
-  def gather(self, rows) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
-    """Tuples at `rows` ((B,) ints): (M float32 arrays (B, H, W, C) in [0, 1], (B,) labels)."""
-    rows = np.asarray(rows)
-    return tuple(s.get(rows) for s in self.sources), self.labels[rows]
+    self.partners, self.seed, self.max_per_class = 1, None, None
 
   def __repr__(self) -> str:
     names = ", ".join(f"{s.name}{s.image_shape}" for s in self.sources)
